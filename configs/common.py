@@ -27,8 +27,8 @@ def mocov3_vit(variant: str = 'base', patch_size: int = 16) -> ml_collections.Co
   c.momentum = ml_collections.ConfigDict(dict(base=0.99, cosine=True))
 
   c.batch_size = 4096
-  c.epochs = 300
-  c.warmup_epochs = 40
+  c.epochs = 300.0
+  c.warmup_epochs = 40.0
   c.total_steps = ml_collections.FieldReference(None, field_type=int)  # replaces epochs if set
   c.stop_after_steps = ml_collections.FieldReference(None, field_type=int)  # stop early, same schedule
   c.optimizer = ml_collections.ConfigDict(dict(

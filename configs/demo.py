@@ -17,8 +17,8 @@ def get_config():
   c.model.width, c.model.depth, c.model.num_heads = 128, 4, 4
   c.head.hidden_dim, c.head.out_dim = 512, 128
   c.batch_size = 256
-  c.epochs = 5
-  c.warmup_epochs = 1
+  c.epochs = 5.0
+  c.warmup_epochs = 1.0
   c.optimizer.base_lr = 1.5e-4
   c.data.source = 'idx'
   c.data.name = 'fashion_mnist'

@@ -60,9 +60,6 @@ class Checkpointer:
             enable_async_checkpointing=use_async, create=True),
         item_names=('state', 'meta'))
 
-  def should_save(self, step: int) -> bool:
-    return self.manager.should_save(step)
-
   def latest_step(self):
     return self.manager.latest_step()
 

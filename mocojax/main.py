@@ -20,7 +20,7 @@ def _quiet_orbax(record) -> bool:
 
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_logger().addFilter(_quiet_orbax)
   import tensorflow as tf
   # tf.data runs on the host; keep TensorFlow off any accelerator JAX is using.
   tf.config.set_visible_devices([], 'GPU')

@@ -75,8 +75,8 @@ def train_step(state: TrainState, batch, *, method, tx, lr_schedule, momentum_sc
   params = optax.apply_updates(state.params, updates)
 
   metrics = dict(loss=loss, lr=lr_schedule(state.step), momentum=m,
-                 grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params),
-                 update_norm=optax.global_norm(updates), **aux['metrics'])
+                 grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
+                 update_norm=optax.tree.norm(updates), **aux['metrics'])
   # The v3 paper's Fig. 5 signals: the infinity-norm of first-layer and last-block gradients.
   for name, prefix in grad_probes.items():
     metrics[f'grad_max/{name}'] = _max_abs_under(grads, prefix)
@@ -272,7 +272,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         summary.update(scalars)
         pending, t_log, step_log = [], time.time(), step
 
-      if step == stop_at or checkpointer.should_save(step):
+      if step == stop_at or step % config.checkpoint_every_steps == 0:
         _check_finite(metrics['loss'], step, checkpointer)  # never save a diverged state
         checkpointer.save(step, state, dict(seed=config.seed, next_step=step), force=True)
 
