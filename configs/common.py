@@ -38,7 +38,10 @@ def mocov3_vit(variant: str = 'base', patch_size: int = 16) -> ml_collections.Co
   c.data = ml_collections.ConfigDict(dict(
       source='tfds', name='imagenet2012', data_dir=ml_collections.FieldReference(None, field_type=str),
       train_split='train', eval_split='validation', image_size=224, recipe='mocov3',
-      crop_scale=(0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD))
+      crop_scale=(0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+      # Overrides of the recipe's augmentation fields (mocojax.data.augment.ViewSpec), e.g.
+      # blur_sigma; they apply to both views.
+      augment=ml_collections.ConfigDict()))
 
   c.eval = ml_collections.ConfigDict(dict(
       knn_every_epochs=10, knn_at_end=True, knn_ks=(20, 200), knn_temperature=0.07,

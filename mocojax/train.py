@@ -229,7 +229,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_ds = pipeline.train_dataset(
       train_source, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
       image_size=d.image_size, recipe=d.recipe, crop_scale=tuple(d.crop_scale), mean=d.mean,
-      std=d.std)
+      std=d.std, augment_overrides={k: tuple(v) if isinstance(v, (list, tuple)) else v
+                                    for k, v in d.augment.items()})
   batches = pipeline.device_batches(train_ds, data_sharding)
 
   # ---- Loop.
