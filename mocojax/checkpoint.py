@@ -19,7 +19,9 @@ from etils import epath
 # Settings that may change between a run and its resumption: they do not change the
 # trajectory (how often to log, evaluate or save, where the data files live).
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'eval',
-                     'data.data_dir', 'async_checkpointing', 'plot', 'stop_after_steps')
+                     'data.data_dir', 'async_checkpointing', 'plot', 'stop_after_steps',
+                     # the layout: a run may resume on another mesh (orbax reshards)
+                     'mesh', 'sharding_rules', 'fsdp_min_size')
 
 
 def _flatten(d, prefix=''):

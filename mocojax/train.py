@@ -31,6 +31,7 @@ from mocojax import models
 from mocojax.data import pipeline, sources
 from mocojax.evaluation import features as features_lib
 from mocojax.evaluation import knn as knn_lib
+from mocojax.evaluation import online_probe
 
 
 @flax.struct.dataclass
@@ -43,6 +44,7 @@ class TrainState:
   opt_state: Any
   method_state: Any               # e.g. the v1/v2 queue; empty for v3
   rng: jax.Array                  # folded with the step for per-step randomness
+  probe: Any = None               # online linear probe {'params', 'opt_state'}, or None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -59,7 +61,7 @@ def _max_abs_under(tree, prefix: str):
 
 
 def train_step(state: TrainState, batch, *, method, tx, lr_schedule, momentum_schedule,
-               grad_probes: dict):
+               grad_probes: dict, probe_tx=None):
   """One MoCo step. Pure: (state, batch) -> (state, metrics)."""
   # The reference updates the key encoder at the start of each forward pass, so the keys of
   # step t come from the encoder averaged with the base parameters of step t-1.
@@ -80,29 +82,40 @@ def train_step(state: TrainState, batch, *, method, tx, lr_schedule, momentum_sc
   # The v3 paper's Fig. 5 signals: the infinity-norm of first-layer and last-block gradients.
   for name, prefix in grad_probes.items():
     metrics[f'grad_max/{name}'] = _max_abs_under(grads, prefix)
-  new_state = state.replace(
+  probe = state.probe
+  if probe is not None:
+    probe, probe_metrics = online_probe.update(probe, aux['features'], batch['label'], probe_tx)
+    metrics.update(probe_metrics)
+  new_state = state.replace(probe=probe, 
       step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
       momentum_params=momentum_params, momentum_batch_stats=aux['momentum_batch_stats'],
       opt_state=opt_state, method_state=aux['method_state'])
   return new_state, metrics
 
 
-def init_state(rng, sample_images, *, method, tx) -> TrainState:
+def init_state(rng, sample_images, *, method, tx, probe_tx=None, num_classes=0) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
   v = method.init(init_rng, sample_images)
+  probe = None
+  if probe_tx is not None:
+    feature_dim = method.features(v, sample_images).shape[-1]
+    probe = online_probe.init(feature_dim, num_classes, probe_tx)
   return TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
                     batch_stats=v['batch_stats'], momentum_params=v['momentum_params'],
                     momentum_batch_stats=v['momentum_batch_stats'],
                     opt_state=tx.init(v['params']), method_state=v['method_state'],
-                    rng=state_rng)
+                    rng=state_rng, probe=probe)
 
 
 def input_shape(config, source) -> tuple:
   return (config.data.image_size, config.data.image_size, source.image_shape[-1])
 
 
-def build(config, steps_per_epoch: int, channels: int):
-  """Method, optimizer and schedules of a config; shared by the trainer, tests and benches."""
+def build(config, steps_per_epoch: int, channels: int, num_classes: int = 0):
+  """Method, optimizer and schedules of a config; shared by the trainer, tests and benches.
+
+  With num_classes > 0 and config.online_probe.enabled, the state carries an online probe.
+  """
   dtype = jnp.dtype(config.get('dtype', 'float32'))
   method = methods.build_method(config, dtype)
   warmup, total = optim.schedule_steps(config, steps_per_epoch)
@@ -111,9 +124,14 @@ def build(config, steps_per_epoch: int, channels: int):
   abstract_params = jax.eval_shape(lambda: method.init(jax.random.key(0), sample))['params']
   tx, lr = optim.build_optimizer(config, abstract_params, steps_per_epoch)
   m = momentum_lib.momentum_schedule(config.momentum.base, total, config.momentum.cosine)
+  probe_tx = None
+  if num_classes and config.get('online_probe') and config.online_probe.enabled:
+    probe_tx = online_probe.optimizer(config.online_probe)
   step_fn = functools.partial(train_step, method=method, tx=tx, lr_schedule=lr,
-                              momentum_schedule=m, grad_probes=models.grad_probes(config.model))
-  init_fn = functools.partial(init_state, method=method, tx=tx)
+                              momentum_schedule=m, grad_probes=models.grad_probes(config.model),
+                              probe_tx=probe_tx)
+  init_fn = functools.partial(init_state, method=method, tx=tx, probe_tx=probe_tx,
+                              num_classes=num_classes)
   return method, step_fn, init_fn, total
 
 
@@ -150,7 +168,10 @@ def knn_evaluator(config, method, mesh, train_source, eval_source):
     acc = knn_lib.knn_accuracy(bf, bl, qf, ql, num_classes=train_source.num_classes,
                                ks=tuple(config.eval.knn_ks), temperature=config.eval.knn_temperature,
                                mesh=mesh, bank_mask=bm, query_mask=qm)
-    return {f'knn/top1@{k}': v for k, v in acc.items()}
+    out = {f'knn/top1@{k}': v for k, v in acc.items()}
+    if state.probe is not None:
+      out['probe/test_top1'] = float(online_probe.accuracy(state.probe['params'], qf, ql, qm))
+    return out
 
   return run
 
@@ -178,7 +199,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- Mesh.
   mesh = parallel.make_mesh(tuple(tuple(a) for a in config.mesh))
-  state_sharding = parallel.replicated(mesh)
+  replicated = parallel.replicated(mesh)  # metrics
   data_sharding = parallel.batch_sharding(mesh)
 
   # ---- Input.
@@ -187,7 +208,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   channels = train_source.image_shape[-1]
 
   # ---- Model, optimizer, schedules, and the checkpoint to resume from (config checked first).
-  method, step_fn, init_fn, total_steps = build(config, steps_per_epoch, channels)
+  method, step_fn, init_fn, total_steps = build(config, steps_per_epoch, channels,
+                                                train_source.num_classes)
   checkpointer = ckpt_lib.Checkpointer(workdir, config, config.checkpoint_every_steps,
                                        config.keep_checkpoints,
                                        config.get('async_checkpointing', True))
@@ -199,7 +221,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   sample = jnp.zeros((1,) + input_shape(config, train_source))
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init_fn, rng, sample)
-  shardings = jax.tree.map(lambda _: state_sharding, abstract)
+  shardings = parallel.state_shardings(abstract, mesh, config.get('sharding_rules'),
+                                       config.get('fsdp_min_size', parallel.FSDP_MIN_SIZE))
   if latest is None:
     state = jax.jit(init_fn, out_shardings=shardings)(rng, sample)
   else:
@@ -215,7 +238,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- The step.
   train_step_jit = jax.jit(step_fn, in_shardings=(shardings, data_sharding),
-                           out_shardings=(shardings, state_sharding), donate_argnums=0)
+                           out_shardings=(shardings, replicated), donate_argnums=0)
 
   # ---- Evaluators.
   evaluate = None
@@ -230,7 +253,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       train_source, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
       image_size=d.image_size, recipe=d.recipe, crop_scale=tuple(d.crop_scale), mean=d.mean,
       std=d.std, augment_overrides={k: tuple(v) if isinstance(v, (list, tuple)) else v
-                                    for k, v in d.augment.items()})
+                                    for k, v in d.augment.items() if v is not None})
   batches = pipeline.device_batches(train_ds, data_sharding)
 
   # ---- Loop.

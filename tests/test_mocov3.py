@@ -41,7 +41,7 @@ def test_loss_is_symmetric_over_views_and_uses_stopped_keys(tiny_config):
 
   def fwd(module, params, bs, x):
     return np.asarray(module.apply({'params': params, 'batch_stats': bs}, x, train=True,
-                                   mutable=['batch_stats'])[0], np.float64)
+                                   mutable=['batch_stats'])[0][1], np.float64)
   q1, q2 = (fwd(method.base, v['params'], v['batch_stats'], x) for x in (x1, x2))
   k1, k2 = (fwd(method.momentum, mparams, v['momentum_batch_stats'], x) for x in (x1, x2))
   want = _np_ctr(q1, k2, 0.2) + _np_ctr(q2, k1, 0.2)

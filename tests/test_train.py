@@ -109,3 +109,25 @@ def test_unknown_model_and_missing_data_are_clear_errors(tiny_config, tmp_path):
   c.data.data_dir = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='nowhere'):
     train.train_and_evaluate(c, str(tmp_path / 'w'))
+
+
+def test_online_probe_learns_without_touching_the_encoder(tiny_config):
+  c = tiny_config
+  c.warmup_epochs, c.optimizer.base_lr, c.online_probe.lr = 0.0, 1e-2, 1e-1
+  states = {}
+  for classes in (0, 3):  # 0: no probe
+    _, step_fn, init_fn, _ = train.build(c, steps_per_epoch=10, channels=1, num_classes=classes)
+    state = jax.jit(init_fn)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    step = jax.jit(step_fn)
+    for i in range(3):
+      batch = {f'view{v}': jax.random.normal(jax.random.key(10 * i + v), (32, 28, 28, 1))
+               for v in (1, 2)}
+      batch['label'] = jnp.arange(32) % 3
+      state, metrics = step(state, batch)
+    states[classes] = (state, metrics)
+  (plain, _), (probed, m) = states[0], states[3]
+  assert plain.probe is None and probed.probe['params']['kernel'].shape == (32, 3)
+  assert np.any(probed.probe['params']['kernel'])
+  assert 'probe/loss' in m
+  for x, y in zip(jax.tree.leaves(plain.params), jax.tree.leaves(probed.params)):
+    np.testing.assert_array_equal(x, y)

@@ -23,8 +23,10 @@ class Encoder(nn.Module):
   predictor: Optional[nn.Module] = None
 
   def __call__(self, images, train: bool = True):
-    z = self.projector(self.backbone(images, train=train), train=train)
-    return self.predictor(z, train=train) if self.predictor is not None else z
+    """Returns (backbone features, head output)."""
+    features = self.backbone(images, train=train)
+    z = self.projector(features, train=train)
+    return features, (self.predictor(z, train=train) if self.predictor is not None else z)
 
 
 def l2_normalize(x, eps=1e-12):
@@ -92,15 +94,17 @@ class MoCoV3:
     del rng
     x1, x2 = batch['view1'], batch['view2']
     bs = state.batch_stats
-    q1, bs = self._apply(self.base, params, bs, x1)
-    q2, bs = self._apply(self.base, params, bs, x2)
+    (f1, q1), bs = self._apply(self.base, params, bs, x1)
+    (_, q2), bs = self._apply(self.base, params, bs, x2)
     mbs = state.momentum_batch_stats
-    k1, mbs = self._apply(self.momentum, momentum_params, mbs, x1)
-    k2, mbs = self._apply(self.momentum, momentum_params, mbs, x2)
+    (_, k1), mbs = self._apply(self.momentum, momentum_params, mbs, x1)
+    (_, k2), mbs = self._apply(self.momentum, momentum_params, mbs, x2)
     k1, k2 = jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
     loss = contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature)
+    # features: for the online linear probe, which must never move the encoder.
     return loss, dict(batch_stats=bs, momentum_batch_stats=jax.lax.stop_gradient(mbs),
-                      method_state=state.method_state, metrics={})
+                      method_state=state.method_state, metrics={},
+                      features=jax.lax.stop_gradient(f1))
 
   def features(self, variables, images):
     """Backbone features of the base encoder in inference mode (kNN, linear probe, export)."""

@@ -1,0 +1,362 @@
+r"""Throughput, FLOPs, MFU and memory of the full MoCo v3 train step.
+
+What is measured: the jitted `train_step` exactly as the trainer builds it
+(`train.build(config, steps_per_epoch, channels[, num_classes])`, then `jax.jit` with the state
+donated and laid out as the trainer lays it out, and the batch split by
+`parallel.batch_sharding` over `parallel.make_mesh()`, i.e. every present device), run on
+synthetic batches that already live on the devices. On the configs' default mesh
+(('data', -1)) the state is replicated. The input pipeline (decoding, augmentation,
+host-to-device copies) is therefore NOT part of the figures. Where the trainer trains an online
+linear probe alongside (config.online_probe.enabled and a labelled dataset), so does the bench,
+with the dataset's number of classes (10 for demo, 1000 for ImageNet).
+
+Per model it prints: global batch, devices, lower and compile time, step time (median of
+--steps timed steps after --warmup untimed ones, each ended by block_until_ready), images/s
+(one image = one two-view sample), FLOPs per step from XLA's cost analysis next to an analytic
+estimate, achieved TFLOP/s, MFU against a stated peak, peak device memory and XLA's compiled
+memory analysis.
+
+  # CPU, the two default models (ViT-S/16 at 224 px, global batch 8):
+  python bench/train_step.py --models=demo,vit_small --batch=8 --steps=5
+
+  # One accelerator, bf16 compute, a batch that fills it better:
+  python bench/train_step.py --models=vit_small --batch=256 --dtype=bfloat16 --steps=20
+
+  # An accelerator missing from the table below, or a different peak:
+  python bench/train_step.py --models=vit_small --batch=128 --peak_tflops=312
+
+Models: `demo` is configs/demo.py at its own batch (256, 28 px, 1 channel); `vit_small` is
+configs/mocov3_vit_small.py at 224 px with global batch --batch (must divide by the devices).
+`--dtype=bfloat16` sets `config.dtype`, the compute dtype of the modules; parameters,
+optimizer state and the input batch stay float32, as in training.
+
+FLOP counts. `compiled.cost_analysis()['flops']` describes the program one device runs: for a
+jit partitioned over n devices it is the per-device share, so the step's total is it times n
+(`lowered.cost_analysis()`, taken before partitioning, gives the global count directly and is
+printed as a check). XLA counts a matmul as 2*M*N*K and every elementwise op as one FLOP per
+element, so it sits a little above the analytic matmul-only estimate. The analytic estimate:
+per image and ViT forward, patch projection 2*P*(p*p*C)*D, and per block 24*N*D^2 (qkv, proj,
+fc1, fc2: 2 x params x tokens) plus attention 4*N^2*D, N = P + 1 tokens; MLP heads 2 x
+in x out per layer. A step is, for each of the 2 views, the base encoder forward + backward
+(3x its forward; the frozen patch projection has no backward) plus the momentum encoder forward
+(1x, no predictor), plus the v3 loss (q k^T over the global batch and its gradient for q),
+plus, when present, the online probe (a D x classes matmul on view 1 and its weight gradient).
+The EMA and optimizer updates (O(params)) are left out of the estimate.
+
+MFU = achieved TFLOP/s (XLA count) / (devices x peak per device). The peak comes from
+--peak_tflops, else from a table of dense bf16 peaks keyed on `device.device_kind`; float32
+runs are also compared against the bf16 peak. On CPU no peak is known and MFU is not printed.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+# Runnable as `python bench/train_step.py` from anywhere: the repository root holds the
+# `mocojax` and `configs` packages.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+from absl import app, flags  # noqa: E402
+
+_MODELS = flags.DEFINE_list('models', ['demo', 'vit_small'], 'Models to measure: demo, vit_small.')
+_BATCH = flags.DEFINE_integer('batch', 8, 'Global batch of vit_small (demo keeps its config batch).')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'Compute dtype of the modules (config.dtype).')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps; the step time is their median.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps run after compiling, before timing.')
+_PEAK = flags.DEFINE_float('peak_tflops', None,
+                           'Peak TFLOP/s per device for MFU; default: table by device kind.')
+
+# Dense bf16 peak TFLOP/s per device. Matched as substrings of device_kind, lower-cased, in
+# this order (so 'tpu v5 lite' is found before 'tpu v5').
+PEAK_TFLOPS = (
+    ('h200', 989.0),
+    ('h100 pcie', 756.0),
+    ('h100', 989.0),        # SXM
+    ('a100', 312.0),
+    ('tpu v5 lite', 197.0),  # v5e
+    ('tpu v5e', 197.0),
+    ('tpu v5p', 459.0),
+    ('tpu v5', 459.0),       # v5p reports 'TPU v5'
+    ('tpu v4', 275.0),
+)
+
+# Dataset sizes, only to give the schedules a steps-per-epoch; they do not change the cost.
+TRAIN_EXAMPLES = {'demo': 60_000, 'vit_small': 1_281_167}
+CHANNELS = {'demo': 1, 'vit_small': 3}
+NUM_CLASSES = {'demo': 10, 'vit_small': 1000}
+
+
+def load_config(name: str, batch: int, dtype: str):
+  if name == 'demo':
+    from configs import demo
+    config = demo.get_config()
+  elif name == 'vit_small':
+    from configs import mocov3_vit_small
+    config = mocov3_vit_small.get_config()
+    config.batch_size = batch
+    config.data.image_size = 224
+  else:
+    raise ValueError(f'--models: unknown model {name!r}; use demo or vit_small.')
+  if dtype != 'float32':
+    if 'dtype' not in config:
+      raise ValueError(f'{name}: the config has no dtype field, so --dtype={dtype} cannot apply.')
+    config.dtype = dtype
+  return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Analytic FLOPs.
+# ----------------------------------------------------------------------------------------------
+def _mlp_flops(num_layers: int, in_dim: int, hidden: int, out: int) -> int:
+  dims = [in_dim] + [hidden] * (num_layers - 1) + [out]
+  return sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def analytic_flops(config, channels: int, probe_classes: int = 0) -> dict:
+  """Matmul FLOPs of one step over the global batch, and the per-image parts it is made of."""
+  from mocojax.models import vit as vit_lib
+  m = config.model
+  width, depth, _ = vit_lib.SIZES.get(m.variant, (None, None, None))
+  width, depth = m.get('width') or width, m.get('depth') or depth
+  mlp_ratio = vit_lib.Block.mlp_ratio
+  s, p, c = config.data.image_size, m.patch_size, channels
+  patches = (s // p) ** 2
+  n = patches + 1
+  patch = 2 * patches * p * p * c * width
+  block_matmul = 2 * n * width * (4 * width + 2 * int(mlp_ratio * width))  # 24 N D^2 at ratio 4
+  block_attn = 4 * n * n * width
+  blocks = depth * (block_matmul + block_attn)
+  h = config.head
+  proj = _mlp_flops(h.proj_layers, width, h.hidden_dim, h.out_dim)
+  pred = _mlp_flops(h.pred_layers, h.out_dim, h.hidden_dim, h.out_dim)
+  b = config.batch_size
+  per_image = 2 * (patch + 3 * (blocks + proj + pred)    # base: fwd + bwd; patch frozen
+                   + patch + blocks + proj)               # momentum: fwd only
+  loss = 2 * (2 * b * b * h.out_dim) * 2                  # 2 terms x (q k^T fwd + grad of q)
+  probe = 2 * (2 * width * probe_classes)                 # fwd + weight gradient, view 1
+  return dict(tokens=n, width=width, depth=depth, patch=patch, blocks=blocks,
+              attention=depth * block_attn, proj=proj, pred=pred, probe=probe,
+              vit_forward=patch + blocks, per_image_step=per_image,
+              step=b * (per_image + probe) + loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for what the backend reports.
+# ----------------------------------------------------------------------------------------------
+def flops_of(cost):
+  """'flops' of a cost analysis: a dict, or (older JAX) a list of dicts, one per HLO module."""
+  if cost is None:
+    return None
+  if isinstance(cost, dict):
+    cost = [cost]
+  values = [d.get('flops') for d in cost if d]
+  values = [v for v in values if v is not None and v > 0]
+  return float(sum(values)) if values else None
+
+
+def peak_tflops(device):
+  """(per-device peak, where it came from) or (None, reason)."""
+  if _PEAK.value:
+    return _PEAK.value, '--peak_tflops'
+  kind = device.device_kind.lower()
+  for key, value in PEAK_TFLOPS:
+    if key in kind:
+      return value, f'table: {device.device_kind!r} -> {value:g} (dense bf16)'
+  return None, f'peak unknown for {device.device_kind!r} ({device.platform}); pass --peak_tflops'
+
+
+def peak_memory(devices):
+  stats = [d.memory_stats() for d in devices]
+  peaks = [s.get('peak_bytes_in_use') for s in stats if s]
+  peaks = [p for p in peaks if p is not None]
+  if not peaks:
+    return None
+  limits = [s.get('bytes_limit') for s in stats if s and s.get('bytes_limit')]
+  return max(peaks), (max(limits) if limits else None)
+
+
+def mib(x) -> str:
+  return f'{x / 2**20:,.1f} MiB'
+
+
+def rate(x: float) -> str:
+  return f'{x:,.1f}' if x >= 10 else f'{x:.3f}'
+
+
+def gflop(x) -> str:
+  """FLOPs in GFLOP, or MFLOP below one GFLOP (the demo's per-image parts)."""
+  if x is None:
+    return 'n/a'
+  return f'{x / 1e9:,.2f} GFLOP' if x >= 1e9 else f'{x / 1e6:,.2f} MFLOP'
+
+
+# ----------------------------------------------------------------------------------------------
+# One model.
+# ----------------------------------------------------------------------------------------------
+def measure(name: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from mocojax import parallel, train
+
+  config = load_config(name, _BATCH.value, _DTYPE.value)
+  train.check_config(config)
+  channels = CHANNELS[name]
+  steps_per_epoch = max(1, TRAIN_EXAMPLES[name] // config.batch_size)
+  size = config.data.image_size
+  b = config.batch_size
+
+  # Exactly the trainer's construction (train.train_and_evaluate): mesh, shardings, state
+  # created sharded, the step jitted with the state donated and the metrics replicated.
+  mesh = parallel.make_mesh(tuple(tuple(a) for a in config.mesh))
+  replicated = parallel.replicated(mesh)
+  data_sharding = parallel.batch_sharding(mesh)
+  num_classes = NUM_CLASSES[name]
+  _, step_fn, init_fn, _ = train.build(config, steps_per_epoch, channels, num_classes)
+  sample = jnp.zeros((1, size, size, channels))
+  rng = jax.random.key(config.seed)
+  abstract = jax.eval_shape(init_fn, rng, sample)
+  shardings = parallel.state_shardings(abstract, mesh, config.get('sharding_rules'),
+                                       config.get('fsdp_min_size', parallel.FSDP_MIN_SIZE))
+  state = jax.jit(init_fn, out_shardings=shardings)(rng, sample)
+  train_step_jit = jax.jit(step_fn, in_shardings=(shardings, data_sharding),
+                           out_shardings=(shardings, replicated), donate_argnums=0)
+  has_probe = getattr(state, 'probe', None) is not None
+  leaves = jax.tree.leaves(state)
+  n_split = sum(not x.sharding.is_fully_replicated for x in leaves)
+  layout = ('replicated' if not n_split else
+            f'{n_split} of {len(leaves)} leaves sharded by config.sharding_rules')
+
+  # Synthetic batches made on the devices, laid out as pipeline.device_batches lays them out
+  # ({'view1', 'view2'} float32 [B, S, S, C] and 'label' int32 [B]); two, used in turn.
+  def make_batch(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    shape = (b, size, size, channels)
+    return dict(view1=jax.random.normal(k1, shape, jnp.float32),
+                view2=jax.random.normal(k2, shape, jnp.float32),
+                label=jax.random.randint(k3, (b,), 0, num_classes, jnp.int32))
+
+  batches = [jax.jit(make_batch, out_shardings=data_sharding)(jax.random.key(i))
+             for i in range(2)]
+  jax.block_until_ready(batches)
+
+  t0 = time.perf_counter()
+  lowered = train_step_jit.lower(state, batches[0])
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  lower_s, compile_s = t1 - t0, t2 - t1
+
+  n_dev = mesh.size
+  flops_device = flops_of(compiled.cost_analysis())
+  try:
+    flops_lowered = flops_of(lowered.cost_analysis())
+  except Exception:  # noqa: BLE001 - not every backend/version implements it
+    flops_lowered = None
+  flops_step = flops_device * n_dev if flops_device is not None else flops_lowered
+  mem = compiled.memory_analysis()
+
+  # Warm up, then time each step to completion; the compiled executable is the jitted step's.
+  for i in range(_WARMUP.value):
+    state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready((state, metrics))
+  times = []
+  for i in range(_STEPS.value):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batches[i % 2])
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - t)
+  loss = float(jax.device_get(metrics['loss']))
+  step_s = statistics.median(times)
+
+  ana = analytic_flops(config, channels, num_classes if has_probe else 0)
+  peak, peak_src = peak_tflops(jax.devices()[0])
+  achieved = flops_step / step_s / 1e12 if flops_step else None
+  achieved_ana = ana['step'] / step_s / 1e12
+  mfu = achieved / (peak * n_dev) if (achieved and peak) else None
+  mfu_ana = achieved_ana / (peak * n_dev) if peak else None
+  dev_mem = peak_memory(mesh.devices.flat)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  backbone_params = sum(x.size for x in jax.tree.leaves(state.params['backbone']))
+
+  # ---- Report.
+  d0 = jax.devices()[0]
+  print(f'\n=== {name}: MoCo v3 train step, ViT {ana["width"]}w x {ana["depth"]} blocks, '
+        f'{size} px, patch {config.model.patch_size} ({ana["tokens"]} tokens), dtype {_DTYPE.value}')
+  print('  input: synthetic batches already on device; the input pipeline is excluded')
+  print(f'  backend {d0.platform}, device kind {d0.device_kind!r}; mesh {dict(mesh.shape)}; '
+        f'state {layout}, donated')
+  print(f'  online linear probe in the step: ' +
+        (f'yes ({num_classes} classes, as the trainer)' if has_probe else 'no'))
+  print(f'  parameters: {num_params / 1e6:.2f}M trained encoder (backbone {backbone_params / 1e6:.2f}M)')
+  print(f'  global batch        {b} two-view samples on {n_dev} device(s) ({b // n_dev} per device)')
+  print(f'  lower / compile     {lower_s:.1f} s / {compile_s:.1f} s')
+  print(f'  step time           {step_s * 1e3:,.1f} ms median of {len(times)} '
+        f'(min {min(times) * 1e3:,.1f}, max {max(times) * 1e3:,.1f}) after {_WARMUP.value} warmup; '
+        f'final loss {loss:.4f}')
+  print(f'  images/s            {rate(b / step_s)}  (one image = one two-view sample)')
+  print(f'  XLA FLOPs/step      {gflop(flops_step)}  (compiled cost analysis: '
+        f'{gflop(flops_device)} for the per-device program x {n_dev} device(s); '
+        f'unpartitioned lowered HLO: {gflop(flops_lowered)})')
+  print(f'  analytic FLOPs/step {gflop(ana["step"])}  (matmuls only; XLA/analytic = '
+        + (f'{flops_step / ana["step"]:.3f})' if flops_step else 'n/a)'))
+  print(f'    per image: ViT forward {gflop(ana["vit_forward"])} (patch proj {gflop(ana["patch"])}, '
+        f'blocks {gflop(ana["blocks"])} of which attention N^2 terms {gflop(ana["attention"])}); '
+        f'projector {gflop(ana["proj"])}, predictor {gflop(ana["pred"])} forward'
+        + (f'; probe {gflop(ana["probe"])} fwd+bwd' if has_probe else ''))
+  print(f'    per image per step: {gflop(ana["per_image_step"])} = 2 views x (base 3x fwd '
+        f'[no patch backward] + momentum 1x fwd); plus the loss over the global batch')
+  print(f'  achieved            ' + (f'{achieved:.4f} TFLOP/s (XLA count); ' if achieved else '')
+        + f'{achieved_ana:.4f} TFLOP/s (analytic count)')
+  if peak:
+    print(f'  MFU                 {100 * mfu:.2f}% (XLA count), {100 * mfu_ana:.2f}% (analytic) '
+          f'of {n_dev} x {peak:g} TFLOP/s [{peak_src}]')
+  else:
+    print(f'  MFU                 n/a: {peak_src}')
+  if dev_mem:
+    lim = f' of {mib(dev_mem[1])}' if dev_mem[1] else ''
+    print(f'  peak device memory  {mib(dev_mem[0])}{lim} (max over devices, since process start)')
+  else:
+    print(f'  peak device memory  n/a (device.memory_stats() unavailable on {d0.platform})')
+  if mem is not None:
+    print(f'  compiled memory     arguments {mib(mem.argument_size_in_bytes)}, outputs '
+          f'{mib(mem.output_size_in_bytes)}, aliased (donated) {mib(mem.alias_size_in_bytes)}, '
+          f'temporaries {mib(mem.temp_size_in_bytes)} (per device)')
+  else:
+    print('  compiled memory     n/a (memory_analysis() returned None)')
+  return dict(name=name, batch=b, devices=n_dev, compile_s=compile_s, lower_s=lower_s,
+              step_ms=step_s * 1e3, images_s=b / step_s, xla_gflop=(flops_step or 0) / 1e9,
+              analytic_gflop=ana['step'] / 1e9, tflops=achieved, mfu=mfu,
+              peak_mem=dev_mem[0] if dev_mem else None,
+              temp_mib=mem.temp_size_in_bytes / 2**20 if mem is not None else None)
+
+
+def main(argv):
+  del argv
+  if _STEPS.value < 1 or _WARMUP.value < 0:
+    raise app.UsageError('--steps must be >= 1 and --warmup >= 0.')
+  # Importing the trainer imports TensorFlow (tf.data); keep it off any accelerator JAX uses.
+  import tensorflow as tf
+  tf.config.set_visible_devices([], 'GPU')
+  import jax
+  print(f'jax {jax.__version__}; {jax.device_count()} device(s): {jax.devices()[0].device_kind}; '
+        f'dtype {_DTYPE.value}; {_WARMUP.value} warmup + {_STEPS.value} timed steps')
+  rows = [measure(name) for name in _MODELS.value]
+  print('\n| model | global batch | devices | compile s | step ms | images/s | XLA GFLOP/step '
+        '| analytic GFLOP/step | TFLOP/s | MFU | temp MiB |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
+  for r in rows:
+    tf_s = f'{r["tflops"]:.4f}' if r['tflops'] else 'n/a'
+    mfu = f'{100 * r["mfu"]:.2f}%' if r['mfu'] else 'n/a'
+    temp = f'{r["temp_mib"]:,.0f}' if r['temp_mib'] is not None else 'n/a'
+    print(f'| {r["name"]} | {r["batch"]} | {r["devices"]} | {r["compile_s"]:.1f} | '
+          f'{r["step_ms"]:,.0f} | {rate(r["images_s"])} | {r["xla_gflop"]:,.1f} | '
+          f'{r["analytic_gflop"]:,.1f} | {tf_s} | {mfu} | {temp} |')
+
+
+if __name__ == '__main__':
+  app.run(main)
