@@ -11,7 +11,7 @@ Creates timm.create_model('vit_small_patch16_224', num_classes=0) with the archi
 arguments the export wrote into model.json (for ViT-S/16 that only changes num_heads to 12,
 MoCo v3's choice; any other size or patch overrides the rest), loads model.safetensors with
 strict=True, and compares timm's pooled features with the JAX encoder's on the same random
-input. Exits non-zero if they differ by more than --atol.
+input. Exits non-zero if they differ by more than --rtol times the features' largest magnitude.
 """
 
 import argparse
@@ -50,7 +50,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--encoder', help='encoder directory with model.safetensors and variables/')
   parser.add_argument('--batch', type=int, default=4)
-  parser.add_argument('--atol', type=float, default=1e-4)
+  parser.add_argument('--rtol', type=float, default=1e-4,
+                      help='tolerance relative to the largest feature magnitude')
   args = parser.parse_args()
 
   import timm
@@ -76,12 +77,14 @@ def main():
     with torch.no_grad():
       theirs = model(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
 
-  diff = float(np.max(np.abs(ours - theirs)))
+  diff, scale = float(np.max(np.abs(ours - theirs))), float(np.max(np.abs(ours)))
   print(json.dumps(dict(timm=timm.__version__, torch=torch.__version__, encoder=path,
                         kwargs=kwargs, keys=len(state), feature_shape=list(ours.shape),
-                        max_abs_diff=diff, feature_scale=float(np.max(np.abs(ours)))), indent=2))
-  if ours.shape != theirs.shape or diff > args.atol:
-    sys.exit(f'MISMATCH: max |jax - timm| = {diff} > {args.atol}')
+                        max_abs_diff=diff, feature_scale=scale, relative_diff=diff / scale),
+                   indent=2))
+  if ours.shape != theirs.shape or diff > args.rtol * scale:
+    sys.exit(f'MISMATCH: max |jax - timm| = {diff}, {diff / scale:.2e} of the features\' '
+             f'largest magnitude {scale} (> {args.rtol})')
   print('OK: timm loads the export strictly and computes the same features.')
 
 

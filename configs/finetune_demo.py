@@ -21,6 +21,9 @@ def get_config():
   c.dtype = 'float32'
   c.mesh = (('data', -1),)
   c.image_size = FieldReference(None, field_type=int)   # None: the encoder's
+  # model.json fields that leave parameter shapes alone, e.g. remat=True, or bn_stats='global'
+  # for a v1/v2 ResNet exported with per-group BN.
+  c.model_overrides = ml_collections.ConfigDict()
   c.batch_size = 256
   c.epochs = 10.0
   c.warmup_epochs = 1.0

@@ -39,11 +39,13 @@ def write_plots(workdir: str, out_name: str = 'training.png') -> str:
 
   ax = axes[0, 1]
   knn_keys = sorted({k for r in rows for k in r if k.startswith('knn/')})
-  for key in knn_keys:
+  acc_keys = knn_keys + (['probe/test_top1'] if any('probe/test_top1' in r for r in rows) else [])
+  for key in acc_keys:
     xs, ys = _series(rows, key, x='epoch')
-    ax.plot(xs, [100 * y for y in ys], marker='o', label=key.replace('knn/top1@', 'k='))
-  ax.set(title='kNN top-1 (cosine, T=0.07, backbone features)', xlabel='epoch', ylabel='%')
-  if knn_keys:
+    label = key.replace('knn/top1@', 'kNN k=').replace('probe/test_top1', 'online linear probe')
+    ax.plot(xs, [100 * y for y in ys], marker='o', label=label)
+  ax.set(title='test top-1 (kNN: cosine, T=0.07, backbone features)', xlabel='epoch', ylabel='%')
+  if acc_keys:
     ax.legend()
 
   ax = axes[1, 0]

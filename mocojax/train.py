@@ -146,6 +146,7 @@ def check_config(config):
   if config.optimizer.name not in optim.OPTIMIZERS:
     raise ValueError(f'optimizer.name={config.optimizer.name!r} is unknown; '
                      f'use one of {optim.OPTIMIZERS}.')
+  methods.check_config(config)  # e.g. the v1/v2 queue size against the batch
 
 
 # ----------------------------------------------------------------------------------------------

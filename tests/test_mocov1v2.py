@@ -228,6 +228,7 @@ def test_eight_devices_equal_one_device():
 # ------------------------------------------------------------------------------------ resume
 @pytest.mark.skipif(not os.path.exists(os.path.join(FMNIST, 'train-images-idx3-ubyte.gz')),
                     reason='Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist')
+@pytest.mark.filterwarnings('ignore:Sharding info not provided')  # raw restore, for reading only
 def test_resumed_v1_run_restores_queue_and_pointer(tmp_path):
   c = _config(version=1)
   c.total_steps, c.log_every_steps, c.checkpoint_every_steps = 3, 1, 100  # saves at 2 and 3

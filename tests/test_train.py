@@ -35,20 +35,41 @@ def test_eight_devices_equal_one_device(tiny_config):
   if jax.device_count() < 8:
     pytest.skip('needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8')
   c = tiny_config
-  c.warmup_epochs, c.optimizer.base_lr = 0.0, 1e-2
+  # SGD: parameter updates are linear in the gradients. (AdamW divides by sqrt(v): the qkv key
+  # bias has an exactly-zero true gradient, whose rounding noise it would scale up to lr-sized
+  # updates that differ between layouts; that says nothing about the sharded step.)
+  c.warmup_epochs, c.optimizer.base_lr, c.optimizer.name = 0.0, 1e-1, 'sgd'
   batch = {f'view{v}': np.asarray(jax.random.normal(jax.random.key(v), (32, 28, 28, 1)))
            for v in (1, 2)}
+  # The gradients themselves, leaf by leaf, from one state on both layouts.
+  method, step_fn, init_fn, _ = train.build(c, steps_per_epoch=10, channels=1)
+  grads = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = Mesh(np.array(devices), ('data',))
+    rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    state = jax.jit(init_fn, out_shardings=rep)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    g = jax.jit(jax.grad(lambda p, b: method.loss(p, state, state.momentum_params, b, None)[0]),
+                in_shardings=(rep, data), out_shardings=rep)(state.params, jax.device_put(batch, data))
+    grads.append(jax.device_get(g))
+  # Tolerance 1e-5 of the gradient's scale: the 8-way sums add the same numbers in another
+  # order. (The qkv key bias has an exactly-zero true gradient: both sides are noise there.)
+  scale = max(np.abs(g).max() for g in jax.tree.leaves(grads[0]))
+  eight = dict(jax.tree_util.tree_leaves_with_path(grads[1]))
+  for path, g1 in jax.tree_util.tree_leaves_with_path(grads[0]):
+    np.testing.assert_allclose(eight[path], g1, rtol=1e-5, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
   s1, m1 = _step_on_mesh(c, jax.devices()[:1], batch)
   s8, m8 = _step_on_mesh(c, jax.devices()[:8], batch)
   assert s8.params['backbone']['blocks_0']['fc1']['kernel'].sharding.mesh.size == 8
   for a, b in zip(m1, m8):  # loss and gradient norms of 3 steps
     for k in ('loss', 'grad_norm', 'grad_max/first_layer', 'grad_max/last_block'):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
-  # Parameters after 3 steps (so the gradients agreed leaf by leaf), and BN statistics,
-  # which are over the global batch on 8 devices as on 1.
+  # Parameters and BN statistics (over the global batch on 8 devices as on 1) after 3 steps,
+  # where the rounding differences of each step have compounded through the next.
   for tree in ('params', 'batch_stats', 'momentum_params'):
     for x, y in zip(jax.tree.leaves(getattr(s1, tree)), jax.tree.leaves(getattr(s8, tree))):
-      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=tree)
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=tree)
 
 
 def _run(config, workdir, **overrides):

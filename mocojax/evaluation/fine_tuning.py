@@ -150,9 +150,10 @@ def build(config, encoder_path: str, steps_per_epoch: int, num_classes: int, sha
   """
   info = encoder_lib.read_model_json(encoder_path)
   image_size = config.get('image_size') or info['image_size']
+  overrides = config.get('model_overrides')
   backbone, variables = encoder_lib.load_encoder(
       encoder_path, image_size=image_size, dtype=jnp.dtype(config.get('dtype', 'float32')),
-      sharding=sharding)
+      sharding=sharding, **(overrides.to_dict() if overrides else {}))
   model = Classifier(backbone, num_classes)
   lr, total = learning_rate_schedule(config, steps_per_epoch)
   abstract = jax.eval_shape(
@@ -217,6 +218,8 @@ def run(encoder_path: str, config, workdir: str, *, train_source: Optional[Sourc
     return float(jax.device_get(correct)) / eval_source.num_examples
 
   metrics_log = os.path.join(workdir, 'metrics.jsonl')
+  if primary:
+    open(metrics_log, 'w').close()  # no resuming: a rerun starts its log afresh
 
   def write(step, scalars):
     writer.write_scalars(step, scalars)

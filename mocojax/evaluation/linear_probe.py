@@ -239,6 +239,11 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
                ', '.join(f'{x:g}' for x in peak_lrs), total_steps, spe, feature_dim, num_classes)
 
   metrics_log = os.path.join(outdir, 'metrics.jsonl')
+  if primary:
+    # A probe does not resume: a rerun starts its log afresh.
+    open(metrics_log, 'w').close()
+    with open(os.path.join(outdir, 'config.json'), 'w') as f:
+      f.write(settings.to_json_best_effort(indent=2))
 
   def write(step, scalars):
     writer.write_scalars(step, scalars)

@@ -3,6 +3,8 @@
 The v3 MLP: Linear without bias; every hidden layer Linear -> BN -> ReLU; the last Linear
 followed, optionally, by a BN without scale and bias. ViT projector: 3 layers, predictor: 2
 layers, both with the last BN; ResNet projector: 2 layers with it, predictor 2 layers without.
+The v1/v2 head (QueueHead) replaces the ResNet's fc: one Linear (v1) or Linear-ReLU-Linear
+(v2), with biases and no BN.
 
 BatchNorm statistics come from the batch the head is called on. Under `jax.jit` with the batch
 sharded over the mesh, a mean over the batch axis is a mean over the *global* batch (XLA adds

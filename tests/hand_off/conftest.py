@@ -9,22 +9,39 @@ from mocojax import checkpoint as ckpt_lib
 from mocojax import train
 from mocojax.data.sources import Source
 
-RUN_STEP = 7
+RUN_STEP = 7  # the step the fixtures' checkpoints are saved at
 
 
-def write_pretraining_run(config, workdir, step: int = RUN_STEP, perturb_batch_stats=False):
+def _random_like(abstract, seed=0):
+  """Values for an abstract train state without running (or compiling) the init: fan-in scaled
+  normal kernels, scales and BN variances near 1, other vectors near 0."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a):
+    name = jax.tree_util.keystr(path[-1:], simple=True)
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      return jax.random.key(seed)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      return np.zeros(a.shape, a.dtype)
+    if a.ndim >= 2:
+      return (rng.standard_normal(a.shape) / np.sqrt(np.prod(a.shape[:-1]))).astype(a.dtype)
+    if name in ('scale', 'var'):
+      return (1 + rng.uniform(0, 0.2, a.shape)).astype(a.dtype)
+    return (0.1 * rng.standard_normal(a.shape)).astype(a.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def write_pretraining_run(config, workdir, step: int = RUN_STEP, random_values=False):
   """A run directory as the trainer leaves it (config.json + a checkpoint), without training.
 
-  Returns the saved TrainState.
+  `random_values` skips the init (slow for a ResNet on CPU) and saves random values of the
+  right shapes, BN running statistics included. Returns the saved TrainState.
   """
   _, _, init_fn, _ = train.build(config, steps_per_epoch=10, channels=1)
   size = config.data.image_size
-  state = init_fn(jax.random.key(config.seed), jnp.zeros((1, size, size, 1)))
-  if perturb_batch_stats:
-    rng = np.random.default_rng(0)
-    stats = jax.tree.map(lambda x: np.asarray(x) + rng.uniform(0.0, 0.2, x.shape).astype(x.dtype),
-                         state.batch_stats)
-    state = state.replace(batch_stats=stats)
+  args = (jax.random.key(config.seed), jnp.zeros((1, size, size, 1)))
+  state = _random_like(jax.eval_shape(init_fn, *args)) if random_values else init_fn(*args)
   checkpointer = ckpt_lib.Checkpointer(str(workdir), config, every_steps=1, keep=1,
                                        use_async=False)
   checkpointer.save(step, state, dict(seed=config.seed, next_step=step), force=True)
@@ -32,6 +49,12 @@ def write_pretraining_run(config, workdir, step: int = RUN_STEP, perturb_batch_s
   with open(workdir / 'config.json', 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   return state
+
+
+@pytest.fixture
+def write_run():
+  """write_pretraining_run, for tests that change the config first."""
+  return write_pretraining_run
 
 
 @pytest.fixture
@@ -44,8 +67,8 @@ def pretraining_run(tiny_config, tmp_path):
 
 @pytest.fixture
 def resnet_run(tmp_path):
-  """A MoCo v3 ResNet-18 run (1/8 width, small stem) whose BN statistics are not the init's:
-  a probe that ran BN in training mode, or wrote to it, would change them."""
+  """A MoCo v3 ResNet-18 run (1/8 width, small stem) whose BN statistics are not the init's
+  (a probe that ran BN in training mode, or wrote to it, would change them)."""
   from configs import common
   c = common.fashion_mnist(common.mocov3_resnet(18))
   c.model.width, c.model.small_stem = 0.125, True
@@ -53,7 +76,7 @@ def resnet_run(tmp_path):
   c.batch_size, c.plot = 32, False
   workdir = tmp_path / 'resnet_run'
   workdir.mkdir()
-  state = write_pretraining_run(c, workdir, perturb_batch_stats=True)
+  state = write_pretraining_run(c, workdir, random_values=True)
   return workdir, state
 
 

@@ -12,10 +12,8 @@ import pytest
 from safetensors import safe_open
 
 from mocojax import train
-from mocojax.hand_off import encoder, pretraining_run
+from mocojax.hand_off import encoder
 from mocojax.models import vit as vit_lib
-
-import conftest
 
 KEYS_FILE = os.path.join(os.path.dirname(__file__), '..', 'data',
                          'timm_vit_small_patch16_224_keys.txt')
@@ -29,7 +27,7 @@ def test_export_then_load_gives_identical_features(pretraining_run, tiny_config,
   workdir, saved = pretraining_run
   out = tmp_path / 'encoder'
   info = encoder.export_encoder(str(workdir), str(out))
-  assert info['source']['step'] == conftest.RUN_STEP and info['feature_dim'] == 32
+  assert info['source']['step'] == 7 and info['feature_dim'] == 32
   # Backbone only: no projector/predictor, no momentum encoder, no optimizer state.
   on_disk = json.load(open(out / 'model.json'))
   assert on_disk['files'] == {'orbax': 'variables'}
@@ -67,11 +65,11 @@ def test_strict_load_names_mismatched_keys(pretraining_run, tmp_path):
     encoder.load_encoder(str(out))
 
 
-def test_learned_position_embedding_is_resampled(tiny_config, tmp_path):
+def test_learned_position_embedding_is_resampled(tiny_config, write_run, tmp_path):
   tiny_config.model.posemb = 'learned'
   workdir = tmp_path / 'run'
   workdir.mkdir()
-  conftest.write_pretraining_run(tiny_config, workdir)
+  write_run(tiny_config, workdir)
   out = tmp_path / 'encoder'
   encoder.export_encoder(str(workdir), str(out))
   module, same = encoder.load_encoder(str(out))
@@ -168,8 +166,8 @@ def test_safetensors_computes_the_same_features_in_timm_layout(posemb, pool, tmp
   variables = jax.jit(module.init)(jax.random.key(3), x)
   # Non-zero biases, LN affine and [CLS], so a wrong name or transpose cannot hide.
   rng = np.random.default_rng(0)
-  variables = jax.tree.map(lambda a: np.asarray(a) + 0.1 * rng.normal(size=a.shape).astype(np.float32),
-                           variables)
+  variables = jax.tree.map(
+      lambda a: np.asarray(a) + 0.1 * rng.normal(size=a.shape).astype(np.float32), variables)
   info = encoder.write_encoder(str(tmp_path), model, variables, image_size=28, channels=1,
                                mean=(0.5,), std=(0.5,), formats=('safetensors',))
   with safe_open(str(tmp_path / 'model.safetensors'), framework='numpy') as f:

@@ -1,8 +1,10 @@
 """Linear probe: beats chance on a toy dataset, and leaves the backbone bit-identical."""
 
+import json
+
 import jax
-import pytest
 import numpy as np
+import pytest
 
 from configs import linear_probe as probe_configs
 from mocojax.evaluation import linear_probe
@@ -31,24 +33,24 @@ def test_fast_probe_with_lr_sweep_beats_chance(pretraining_run, toy_sources, tmp
                                train_source=toy_sources[0], eval_source=toy_sources[1])
   assert set(result['top1_by_lr']) == {'0.075', '0.75'}  # ViT recipe: 3 * m * 64 / 256
   assert result['top1'] == max(result['top1_by_lr'].values())
-  print(result)
   assert result['top1'] > 0.6, result  # chance is 1/3
   assert (tmp_path / 'probe' / 'result.json').exists()
 
 
 def test_augmented_probe_leaves_resnet_bit_identical(resnet_run, toy_sources, tmp_path):
   workdir, saved = resnet_run
-  # The feature BN: a random ResNet's features are ~1e-2 in scale, too small for the recipe lr.
-  c = _probe_config(epochs=6.0, lr_multipliers=(1.0,), crop_scale=(0.5, 1.0), feature_norm=True)
+  c = _probe_config(epochs=6.0, crop_scale=(0.5, 1.0), feature_norm=True)
   result, trained = linear_probe.run(str(workdir), c, outdir=str(tmp_path / 'probe'),
                                      train_source=toy_sources[0], eval_source=toy_sources[1])
   assert result['mode'] == 'augmented' and result['pretraining_step'] == 7
   assert result['best_lr'] == pytest.approx(0.1 * 64 / 256)  # ResNet v3 recipe: base lr 0.1
-  print(result)
-  assert result['top1'] > 0.45, result  # chance is 1/3
-  # The heads moved; the backbone the probe used, and the one on disk, did not: weights and BN
+  # The heads learned (on a random ResNet's features accuracy after 36 steps says little: the
+  # fast test above checks that a probe beats chance) ...
+  losses = [r['loss/lr=0.025'] for r in map(json.loads, open(tmp_path / 'probe' / 'metrics.jsonl'))
+            if 'loss/lr=0.025' in r]
+  assert int(trained['heads'].step) == 36 and losses[-1] < losses[0] - 0.1, losses
+  # ... and the backbone the probe used, and the one on disk, did not change: weights and BN
   # running statistics (BN ran in inference mode).
-  assert int(trained['heads'].step) == 36
   want = {'params': saved.params['backbone'], 'batch_stats': saved.batch_stats['backbone']}
   _assert_bit_identical(trained['backbone'].variables, want)
   _assert_bit_identical(run_lib.restore_backbone(str(workdir)).variables, want)

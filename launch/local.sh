@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Pretrain on this machine: one process, or N processes on localhost (a multi-host rehearsal).
+#
+#   launch/local.sh [--dry-run] [--config FILE] [--workdir DIR] [--cpu-devices N]
+#                   [--processes N] [--port PORT] [-- ARGS FOR mocojax.main...]
+#
+#   launch/local.sh                                   # configs/demo.py into runs/demo
+#   launch/local.sh --cpu-devices 8                   # 8 virtual CPU devices, 1 process
+#   launch/local.sh --processes 2 --cpu-devices 4     # 2 processes x 4 CPU devices, as 2 hosts
+#   launch/local.sh -- --config.batch_size=512        # any config override after --
+#
+# With --processes N every process runs the same command plus --coordinator_address,
+# --num_processes and --process_id (mocojax/distributed.py); process i logs to
+# WORKDIR/logs/process_i.log and process 0 also to the terminal. --dry-run prints the
+# commands and runs nothing.
+set -euo pipefail
+
+DRY_RUN=0
+CONFIG=configs/demo.py
+WORKDIR=runs/demo
+CPU_DEVICES=
+PROCESSES=1
+PORT=12355
+PYTHON=${PYTHON:-python3}
+EXTRA=()
+
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --config) CONFIG=$2; shift ;;
+    --workdir) WORKDIR=$2; shift ;;
+    --cpu-devices) CPU_DEVICES=$2; shift ;;
+    --processes) PROCESSES=$2; shift ;;
+    --port) PORT=$2; shift ;;
+    -h|--help) usage 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "local.sh: unknown option $1" >&2; usage 2 ;;
+  esac
+  shift
+done
+
+cd "$(dirname "$0")/.."
+
+# Prints a command so that it can be pasted back into a shell, then runs it unless --dry-run.
+show() {
+  local out='+' a
+  for a in "$@"; do
+    if [[ $a =~ ^[][A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=" $a"
+    elif [[ $a != *"'"* ]]; then out+=" '$a'"
+    else out+=" $(printf %q "$a")"
+    fi
+  done
+  printf '%s' "$out"
+}
+run() {
+  show "$@"; printf '
+'
+  if [[ $DRY_RUN == 0 ]]; then "$@"; fi
+}
+
+ENV=()
+if [[ -n $CPU_DEVICES ]]; then
+  # Virtual devices exist only on the CPU backend; the flag must be set before JAX starts.
+  ENV=(env "XLA_FLAGS=--xla_force_host_platform_device_count=$CPU_DEVICES" JAX_PLATFORMS=cpu)
+fi
+MAIN=("$PYTHON" -m mocojax.main "--config=$CONFIG" "--workdir=$WORKDIR" "${EXTRA[@]}")
+
+if [[ $PROCESSES == 1 ]]; then
+  run "${ENV[@]}" "${MAIN[@]}"
+  exit 0
+fi
+
+run mkdir -p "$WORKDIR/logs"
+PIDS=()
+for ((i = PROCESSES - 1; i >= 0; i--)); do  # process 0 last, in the foreground
+  CMD=("${ENV[@]}" "${MAIN[@]}" "--coordinator_address=localhost:$PORT"
+       "--num_processes=$PROCESSES" "--process_id=$i")
+  if [[ $i == 0 ]]; then
+    show "${CMD[@]}"; printf ' 2>&1 | tee %q\n' "$WORKDIR/logs/process_0.log"
+    if [[ $DRY_RUN == 0 ]]; then "${CMD[@]}" 2>&1 | tee "$WORKDIR/logs/process_0.log"; fi
+  else
+    show "${CMD[@]}"; printf ' > %q 2>&1 &\n' "$WORKDIR/logs/process_$i.log"
+    if [[ $DRY_RUN == 0 ]]; then
+      "${CMD[@]}" > "$WORKDIR/logs/process_$i.log" 2>&1 &
+      PIDS+=($!)
+    fi
+  fi
+done
+for pid in "${PIDS[@]}"; do
+  wait "$pid"
+done
