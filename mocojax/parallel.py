@@ -18,9 +18,12 @@ Parameters matching no rule are replicated. What mirrors a parameter (its moment
 copy, its optimizer moments) gets the parameter's layout; every other leaf of the state (step,
 rng, BN statistics, v1/v2 queue, probe) is replicated.
 
-Under FSDP, XLA all-gathers each parameter where the step uses it and reduce-scatters its
-gradient; activations stay split over the batch. The loss is the same as data parallel up
-to float reassociation (tests/test_parallel.py).
+Under FSDP the trainer wraps the step in `gather_parameters`: the encoders compute with
+all-gathered whole parameters, so activations stay split over the batch and the forward and
+backward passes are the data-parallel program, while the optimizer update and the stored
+state stay split (the gradient is reduced and sliced; XLA's GPU pipeline fuses the two into a
+reduce-scatter, the CPU one does not). Losses and parameters equal data parallel's up to
+float rounding (tests/test_parallel.py).
 """
 
 import re
@@ -91,7 +94,8 @@ def _largest_divisible_dim(shape, size: int):
   return None
 
 
-def param_spec(name: str, shape: Sequence[int], mesh: Mesh, rules, min_size: int = FSDP_MIN_SIZE) -> P:
+def param_spec(name: str, shape: Sequence[int], mesh: Mesh, rules,
+               min_size: int = FSDP_MIN_SIZE) -> P:
   """The PartitionSpec of one parameter under `rules`; raises on a rule that cannot apply."""
   for pattern, rule in rules:
     if not re.fullmatch(pattern, name):
@@ -146,7 +150,6 @@ def state_shardings(abstract_state, mesh: Mesh, rules=(), min_size: int = FSDP_M
     return NamedSharding(mesh, P())
 
   return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
-
 
 
 def gather_parameters(step_fn, mesh: Mesh):

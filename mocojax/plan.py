@@ -180,6 +180,8 @@ def report(p: dict, name: str, peak_tflops=None, mfu: float = 0.4) -> str:
   params = s['params'] + s['momentum_params']
   other = sum(v for k, v in s.items() if k not in ('params', 'momentum_params', 'opt_state'))
   mesh = ' x '.join(f'{k}={v}' for k, v in p['mesh'].items())
+  total = m['argument'] + m['temp'] + m['output'] - m['alias']
+  global_tflop = p['flops_per_device'] * p['devices'] / 1e12
   lines = [
       f'{name}: global batch {p["batch"]}, {p["devices"]} devices (mesh {mesh}), '
       f'dtype {p["dtype"]}, remat {p["remat"]}',
@@ -193,8 +195,8 @@ def report(p: dict, name: str, peak_tflops=None, mfu: float = 0.4) -> str:
       f'    arguments                      {gib(m["argument"])}',
       f'    temporaries                    {gib(m["temp"])}',
       f'    outputs not aliased to inputs  {gib(m["output"] - m["alias"])}',
-      f'    total                          {gib(m["argument"] + m["temp"] + m["output"] - m["alias"])}',
-      f'  FLOPs per step: {p["flops_per_device"] * p["devices"] / 1e12:,.1f} TFLOP over all devices '
+      f'    total                          {gib(total)}',
+      f'  FLOPs per step: {global_tflop:,.1f} TFLOP over all devices '
       f'({p["flops_per_device"] / 1e12:,.2f} TFLOP per device; XLA\'s count before partitioning: '
       f'{p["flops_global_unpartitioned"] / 1e12:,.1f} TFLOP)',
       '  collectives per step and device (count, bytes of results):',
@@ -224,8 +226,8 @@ def main(argv):
                             'Peak TFLOP/s per chip; default: a table of common chips.')
   mfu = flags.DEFINE_float('mfu', 0.4, 'Model FLOP utilisation assumed for the time estimate.')
   # --platform-peak-tflops as in the docs: absl only knows the underscore spelling.
-  argv = [re.sub(r'^--([a-z]+(?:-[a-z]+)+)(?==|$)', lambda m: '--' + m.group(1).replace('-', '_'), a)
-          for a in argv]
+  dashed = lambda m: '--' + m.group(1).replace('-', '_')
+  argv = [re.sub(r'^--([a-z]+(?:-[a-z]+)+)(?==|$)', dashed, a) for a in argv]
   flags.FLAGS(argv)
   config = config_flag.value
   with config.unlocked():

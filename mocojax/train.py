@@ -238,7 +238,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                jax.device_count())
 
   # ---- The step.
-  train_step_jit = jax.jit(step_fn, in_shardings=(shardings, data_sharding),
+  train_step_jit = jax.jit(parallel.gather_parameters(step_fn, mesh),
+                           in_shardings=(shardings, data_sharding),
                            out_shardings=(shardings, replicated), donate_argnums=0)
 
   # ---- Evaluators.

@@ -54,7 +54,8 @@ def _assert_trees_close(a, b, **tol):
   la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)
   assert len(la) == len(lb)
   for (path, x), y in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=parallel.path_name(path), **tol)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), err_msg=parallel.path_name(path),
+                               **tol)
 
 
 def test_fsdp_equals_data_parallel(runs):
@@ -68,10 +69,11 @@ def test_fsdp_equals_data_parallel(runs):
   kernel = fsdp.params['backbone']['blocks_0']['fc1']['kernel']  # [40, 160]
   assert kernel.sharding.spec == P(None, 'fsdp')
   assert {s.data.shape for s in kernel.addressable_shards} == {(40, 40)}
-  assert fsdp.momentum_params['backbone']['blocks_0']['fc1']['kernel'].sharding.spec == P(None, 'fsdp')
-  moments = [(parallel.path_name(p), x) for p, x in jax.tree_util.tree_leaves_with_path(fsdp.opt_state)
+  momentum_kernel = fsdp.momentum_params['backbone']['blocks_0']['fc1']['kernel']
+  assert momentum_kernel.sharding.spec == P(None, 'fsdp')
+  moments = [x for p, x in jax.tree_util.tree_leaves_with_path(fsdp.opt_state)
              if parallel.path_name(p).endswith('blocks_0/fc1/kernel')]
-  assert len(moments) == 2 and all(x.sharding.spec == P(None, 'fsdp') for _, x in moments)
+  assert len(moments) == 2 and all(x.sharding.spec == P(None, 'fsdp') for x in moments)
   # ... keeps small ones and the rest of the state whole, and data parallel keeps all whole.
   assert fsdp.params['backbone']['blocks_0']['fc1']['bias'].sharding.spec == P()
   assert fsdp.step.sharding.spec == P()
@@ -110,7 +112,7 @@ def test_bfloat16_trains_and_stays_near_float32(runs):
   _, losses, _ = sharded_run.run(c, _mesh((1,), ('data',)))
   assert np.all(np.isfinite(losses)), losses
   # bf16 matmuls (8-bit mantissa) with float32 softmax, norms and loss: the first loss is
-  # within 1% of float32's (measured: ~0.1%).
+  # within 1% of float32's (measured: 0.08%; later steps drift ~1% apart on these noise batches).
   np.testing.assert_allclose(losses[0], runs['dp'][1][0], rtol=1e-2)
 
 
