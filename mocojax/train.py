@@ -4,8 +4,10 @@
   -> the jitted pure step -> evaluators -> the loop (metrics, progress, NaN stop, saves, kNN).
 
 The train state holds everything a step changes; the step is a pure function
-(state, batch) -> (state, metrics), jitted with the batch split over the mesh's 'data' axis and
-the state replicated, and the state's buffers donated.
+(state, batch) -> (state, metrics), jitted with the batch split over every mesh axis, the state
+laid out by `parallel.state_shardings` (replicated on the default data-parallel mesh; large
+parameters and their optimizer state split over 'fsdp' when the mesh has that axis), and the
+state's buffers donated.
 """
 
 import functools
@@ -232,6 +234,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state, meta = checkpointer.restore(latest, abstract)
     logging.info('Resumed from %s at step %d.', checkpointer.directory, latest)
   start_step = int(jax.device_get(state.step))
+  if latest is not None and meta['data']['next_step'] != start_step:
+    raise ValueError(f'Checkpoint {latest} in {checkpointer.directory} is inconsistent: the model '
+                     f'is at step {start_step} but the data position at {meta["data"]}.')
   num_params = sum(x.size for x in jax.tree.leaves(state.params['backbone']))
   logging.info('Backbone parameters: %.2fM; steps: %d (%d per epoch); global batch %d on %d '
                'devices.', num_params / 1e6, total_steps, steps_per_epoch, config.batch_size,
