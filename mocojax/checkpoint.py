@@ -11,9 +11,11 @@ different model/method/optimizer/batch/data config is refused with the list of d
 """
 
 import json
+import logging as pylogging
 import os
 
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 # Settings that may change between a run and its resumption: they do not change the
@@ -92,3 +94,12 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def quiet_orbax_logging() -> None:
+  """Keeps orbax's warnings in the absl log and drops its INFO narration of every save and read.
+
+  Record levels are Python's here (absl's own WARNING constant is -1).
+  """
+  logging.get_absl_logger().addFilter(
+      lambda record: record.levelno >= pylogging.WARNING or 'orbax' not in record.pathname)

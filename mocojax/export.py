@@ -16,8 +16,8 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to export; default t
 
 def main(argv):
   del argv
-  from mocojax.hand_off import quiet_orbax_logging
-  quiet_orbax_logging()
+  from mocojax import checkpoint
+  checkpoint.quiet_orbax_logging()
   from mocojax.hand_off import encoder
   info = encoder.export_encoder(_WORKDIR.value, _OUT.value, step=_STEP.value,
                                 formats=_FORMAT.value)

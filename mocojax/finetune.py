@@ -19,8 +19,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs and results.
 
 def main(argv):
   del argv
-  from mocojax.hand_off import quiet_orbax_logging
-  quiet_orbax_logging()
+  from mocojax import checkpoint
+  checkpoint.quiet_orbax_logging()
   import tensorflow as tf
   # tf.data runs on the host; keep TensorFlow off any accelerator JAX is using.
   tf.config.set_visible_devices([], 'GPU')

@@ -7,8 +7,6 @@ on Cloud TPU VMs and under SLURM, elsewhere pass --coordinator_address, --num_pr
 --process_id.
 """
 
-import logging as pylogging
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,18 +21,14 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the j
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
 
 
-def _quiet_orbax(record) -> bool:
-  # orbax narrates every save at INFO; keep its warnings, drop the narration.
-  return record.levelno >= pylogging.WARNING or 'orbax' not in record.pathname
-
-
 def main(argv):
   del argv
   # Before anything touches devices: a started backend can no longer join a multi-process job.
   from mocojax import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   distributed.check_same_config(_CONFIG.value, _WORKDIR.value)
-  logging.get_absl_logger().addFilter(_quiet_orbax)
+  from mocojax import checkpoint
+  checkpoint.quiet_orbax_logging()
   import tensorflow as tf
   # tf.data runs on the host; keep TensorFlow off any accelerator JAX is using.
   tf.config.set_visible_devices([], 'GPU')
