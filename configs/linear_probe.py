@@ -25,6 +25,8 @@ def get_config():
   c.momentum = 0.9
   c.weight_decay = 0.0
   c.feature_norm = False                                  # MAE's parameter-free BN on features
+  # The baseline: the same probe on the normalised pixels instead of the backbone's features.
+  c.raw_pixels = False
   c.fast = False                                          # cache un-augmented features once
   c.crop_scale = (0.08, 1.0)                              # RandomResizedCrop (augmented mode)
   c.eval_batch_size = FieldReference(None, field_type=int)

@@ -1,9 +1,12 @@
-"""Plots of a run's metrics: `python -m mocojax.report --workdir=runs/demo`.
+"""Plots of a run: `python -m mocojax.report --workdir=runs/demo`.
 
 Reads `metrics.jsonl` (written by the trainer next to the TensorBoard events) and writes
 `training.png`: loss; kNN top-1 against epoch; learning rate and momentum; and the
 infinity-norm of the first-layer and last-block gradients on a log scale, the signals the
-MoCo v3 paper (Fig. 5) used to find its instabilities.
+MoCo v3 paper (Fig. 5) used to find its instabilities. With --embedding (default) it also
+restores the latest checkpoint's backbone and writes `features_tsne.png`: a 2-D t-SNE of the
+features of the first --embedding_points test images, coloured by class. Both PNGs are logged
+to TensorBoard as images too.
 """
 
 import json
@@ -71,12 +74,81 @@ def write_plots(workdir: str, out_name: str = 'training.png') -> str:
   return path
 
 
+def test_features(workdir: str, num_points: int):
+  """Backbone features (as the kNN monitor sees them) and labels of the first test images."""
+  import jax
+  import numpy as np
+
+  from mocojax import parallel
+  from mocojax.data import pipeline, sources
+  from mocojax.evaluation import features as features_lib
+  from mocojax.hand_off import pretraining_run
+
+  mesh = parallel.make_mesh()
+  backbone = pretraining_run.restore_backbone(workdir, mesh=mesh)
+  d = backbone.config.data
+  source = sources.get_source(d, d.eval_split)
+  batch = backbone.config.eval.batch_size
+  batches = pipeline.device_batches(
+      pipeline.eval_dataset(source, global_batch=batch, image_size=d.image_size, mean=d.mean,
+                            std=d.std).take(-(-num_points // batch)),
+      parallel.batch_sharding(mesh))
+  feats, labels, mask = features_lib.extract_features(backbone.features, backbone.variables,
+                                                      batches, mesh=mesh)
+  keep = np.asarray(jax.device_get(mask))
+  feats = np.asarray(jax.device_get(feats))[keep][:num_points]
+  labels = np.asarray(jax.device_get(labels))[keep][:num_points]
+  return feats / np.linalg.norm(feats, axis=1, keepdims=True), labels, backbone.step
+
+
+def write_embedding(workdir: str, num_points: int = 2000, out_name: str = 'features_tsne.png'):
+  import jax
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  from mocojax.evaluation import embedding
+
+  feats, labels, step = test_features(workdir, num_points)
+  y = jax.device_get(embedding.tsne(feats, jax.random.key(0)))
+  fig, ax = plt.subplots(figsize=(7, 7))
+  scatter = ax.scatter(y[:, 0], y[:, 1], c=labels, cmap='tab10', s=4)
+  ax.legend(*scatter.legend_elements(), title='class', loc='best', fontsize=8)
+  ax.set(title=f't-SNE of backbone features, {len(labels)} test images, step {step}',
+         xticks=[], yticks=[])
+  path = os.path.join(workdir, out_name)
+  fig.savefig(path, dpi=100, bbox_inches='tight')
+  plt.close(fig)
+  return path
+
+
+def log_images(workdir: str, paths: list):
+  """Adds the PNGs to the run's TensorBoard events (at the last logged step)."""
+  import matplotlib.image
+  import numpy as np
+  from clu import metric_writers
+
+  step = max((r['step'] for r in read_metrics(workdir)), default=0)
+  writer = metric_writers.create_default_writer(workdir)
+  images = {f'report/{os.path.splitext(os.path.basename(p))[0]}':
+            (np.asarray(matplotlib.image.imread(p))[None, ..., :3] * 255).astype(np.uint8)
+            for p in paths}
+  writer.write_images(step, images)
+  writer.flush()
+
+
 def main(argv):
   del argv
-  print(write_plots(flags.FLAGS.workdir))
+  paths = [write_plots(flags.FLAGS.workdir)]
+  if flags.FLAGS.embedding:
+    paths.append(write_embedding(flags.FLAGS.workdir, flags.FLAGS.embedding_points))
+  log_images(flags.FLAGS.workdir, paths)
+  print('\n'.join(paths))
 
 
 if __name__ == '__main__':
   # Defined here, not at import: the trainer imports this module next to its own flags.
   flags.DEFINE_string('workdir', None, 'A training run directory.', required=True)
+  flags.DEFINE_bool('embedding', True, 't-SNE of test features from the latest checkpoint.')
+  flags.DEFINE_integer('embedding_points', 2000, 'Test images in the t-SNE.')
   app.run(main)

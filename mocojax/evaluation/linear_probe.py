@@ -21,6 +21,7 @@ on the eval split, as DINO's and MAE's sweeps do; say so when quoting the number
 `feature_norm=True` puts a parameter-free BatchNorm in front of each head, as MAE does.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -195,6 +196,18 @@ def _data_config(pretrain_config, settings):
   return d
 
 
+@dataclasses.dataclass
+class RawPixels:
+  """The probe's baseline: the normalised pixels of the same centre crops as features."""
+  config: Any
+  step: int
+  variables: dict = dataclasses.field(default_factory=dict)
+
+  def features(self, variables, images):
+    del variables
+    return images.reshape(images.shape[0], -1)
+
+
 def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
         train_source: Optional[Source] = None, eval_source: Optional[Source] = None,
         mesh: Optional[Mesh] = None):
@@ -208,6 +221,8 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
   """
   mesh = mesh or parallel.make_mesh()
   backbone = pretraining_run.restore_backbone(workdir, probe_config.get('step'), mesh=mesh)
+  if probe_config.get('raw_pixels', False):
+    backbone = RawPixels(backbone.config, backbone.step)
   pre = backbone.config
   settings = resolve(probe_config, pre)
   d = _data_config(pre, settings)
