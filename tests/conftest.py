@@ -2,7 +2,15 @@
 
 import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+_flags = os.environ.get('XLA_FLAGS', '')
+if '--xla_force_host_platform_device_count' not in _flags:
+  _flags += ' --xla_force_host_platform_device_count=8'
+# 8 virtual devices share 2 cores: on a loaded machine a device thread can reach a collective
+# long after the others, and XLA's CPU runtime aborts the process when its rendezvous timeout
+# (default tens of seconds) passes. A slow test should stay slow, not die.
+if '--xla_cpu_collective_timeout_seconds' not in _flags:
+  _flags += ' --xla_cpu_collective_timeout_seconds=1200'
+os.environ['XLA_FLAGS'] = _flags.strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
