@@ -12,6 +12,9 @@
 # resumes from the latest checkpoint in --workdir. ARGS after -- go to mocojax.main
 # (config overrides). --dry-run prints the commands and runs nothing.
 set -euo pipefail
+# show/run (launch/lib.sh): print a command pasteably, run it unless --dry-run.
+# shellcheck source=/dev/null  # lib.sh is checked on its own (tests/test_plan.py)
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 DRY_RUN=0
 SETUP=0
@@ -42,22 +45,6 @@ done
 
 cd "$(dirname "$0")/.."
 
-# Prints a command so that it can be pasted back into a shell, then runs it unless --dry-run.
-show() {
-  local out='+' a
-  for a in "$@"; do
-    if [[ $a =~ ^[][A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=" $a"
-    elif [[ $a != *"'"* ]]; then out+=" '$a'"
-    else out+=" $(printf %q "$a")"
-    fi
-  done
-  printf '%s' "$out"
-}
-run() {
-  show "$@"; printf '
-'
-  if [[ $DRY_RUN == 0 ]]; then "$@"; fi
-}
 
 if [[ $SETUP == 1 ]]; then
   run python3 -m venv "$VENV"

@@ -33,6 +33,9 @@
 # (mocojax/distributed.py) and refuses to start if their configs differ. Checkpoints go to
 # the bucket, so `train` after a preemption (or on a new VM) resumes from the latest one.
 set -euo pipefail
+# show/run (launch/lib.sh): print a command pasteably, run it unless --dry-run.
+# shellcheck source=/dev/null  # lib.sh is checked on its own (tests/test_plan.py)
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 DRY_RUN=0
 NAME=mocov3
@@ -87,22 +90,6 @@ if [[ -n $PROJECT ]]; then
   WHERE+=("--project=$PROJECT")
 fi
 
-# Prints a command so that it can be pasted back into a shell, then runs it unless --dry-run.
-show() {
-  local out='+' a
-  for a in "$@"; do
-    if [[ $a =~ ^[][A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=" $a"
-    elif [[ $a != *"'"* ]]; then out+=" '$a'"
-    else out+=" $(printf %q "$a")"
-    fi
-  done
-  printf '%s' "$out"
-}
-run() {
-  show "$@"; printf '
-'
-  if [[ $DRY_RUN == 0 ]]; then "$@"; fi
-}
 
 # Runs a shell command on every worker of the slice.
 on_all_workers() {

@@ -63,6 +63,6 @@ def test_launch_script_dry_run(script, tmp_path):
 @pytest.mark.skipif(shutil.which('shellcheck') is None,
                     reason='shellcheck absent: apt-get install -y shellcheck')
 def test_launch_scripts_pass_shellcheck():
-  out = subprocess.run(['shellcheck', *[os.path.join(LAUNCH, s) for s in SCRIPTS]],
+  out = subprocess.run(['shellcheck', *[os.path.join(LAUNCH, s) for s in SCRIPTS + ('lib.sh',)]],
                        capture_output=True, text=True)
   assert out.returncode == 0, out.stdout
