@@ -61,8 +61,13 @@ if _ROOT not in sys.path:
 
 from absl import app, flags  # noqa: E402
 
-_MODELS = flags.DEFINE_list('models', ['demo', 'vit_small'], 'Models to measure: demo, vit_small.')
-_BATCH = flags.DEFINE_integer('batch', 8, 'Global batch of vit_small (demo keeps its config batch).')
+_MODELS = flags.DEFINE_list(
+    'models', ['demo', 'vit_small'],
+    'Models to measure: demo, vit_small, or the name of any module in configs/ (e.g. '
+    'mocov2_resnet50, mocov3_resnet50, demo_mocov1).')
+_BATCH = flags.DEFINE_integer(
+    'batch', 8, 'Global batch of the ImageNet configs (vit_small, *_resnet50); the Fashion-MNIST '
+    'demos keep their config batch unless --batch is given.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                            'Compute dtype of the modules (config.dtype).')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps; the step time is their median.')
@@ -84,23 +89,31 @@ PEAK_TFLOPS = (
     ('tpu v4', 275.0),
 )
 
-# Dataset sizes, only to give the schedules a steps-per-epoch; they do not change the cost.
-TRAIN_EXAMPLES = {'demo': 60_000, 'vit_small': 1_281_167}
-CHANNELS = {'demo': 1, 'vit_small': 3}
-NUM_CLASSES = {'demo': 10, 'vit_small': 1000}
+ALIASES = {'vit_small': 'mocov3_vit_small'}
+
+
+def dataset_shape(config):
+  """(train examples, channels, classes): only for a steps-per-epoch and the input shape."""
+  if config.data.source == 'idx':
+    return 60_000, 1, 10        # Fashion-MNIST demos
+  return 1_281_167, 3, 1000     # ImageNet recipes
 
 
 def load_config(name: str, batch: int, dtype: str):
-  if name == 'demo':
-    from configs import demo
-    config = demo.get_config()
-  elif name == 'vit_small':
-    from configs import mocov3_vit_small
-    config = mocov3_vit_small.get_config()
+  import importlib
+  module = ALIASES.get(name, name)
+  try:
+    config = importlib.import_module(f'configs.{module}').get_config()
+  except ModuleNotFoundError:
+    raise ValueError(f'--models: unknown model {name!r}; use demo, vit_small or a module name '
+                     f'from configs/ (e.g. mocov3_resnet50).') from None
+  if config.data.source != 'idx':   # the ImageNet recipes run at 224 px and --batch
     config.batch_size = batch
     config.data.image_size = 224
-  else:
-    raise ValueError(f'--models: unknown model {name!r}; use demo or vit_small.')
+  elif _BATCH.present:
+    config.batch_size = batch
+    if 'queue_size' in config:       # the queue must stay a multiple of the keys per step
+      config.queue_size = max(config.queue_size // batch, 1) * batch
   if dtype != 'float32':
     if 'dtype' not in config:
       raise ValueError(f'{name}: the config has no dtype field, so --dtype={dtype} cannot apply.')
@@ -117,7 +130,72 @@ def _mlp_flops(num_layers: int, in_dim: int, hidden: int, out: int) -> int:
 
 
 def analytic_flops(config, channels: int, probe_classes: int = 0) -> dict:
-  """Matmul FLOPs of one step over the global batch, and the per-image parts it is made of."""
+  """Matmul/conv FLOPs of one step over the global batch, and the per-image parts."""
+  if config.model.name == 'resnet':
+    return _resnet_step_flops(config, channels, probe_classes)
+  return _vit_step_flops(config, channels, probe_classes)
+
+
+def resnet_forward_flops(depth: int, width: float, small_stem: bool, size: int,
+                         channels: int) -> int:
+  """Conv FLOPs (2 x MACs) of one torchvision-layout ResNet forward on one image.
+
+  ResNet-50 at 224 px gives 8.18 GFLOP, the usual "4.1 GMACs".
+  """
+  from mocojax.models import resnet as resnet_lib
+  kind, counts = resnet_lib.stages(depth)
+  base = resnet_lib.base_width(width)
+  conv = lambda h, k, cin, cout: 2 * h * h * k * k * cin * cout
+  if small_stem:
+    h = size
+    total = conv(h, 3, channels, base)
+  else:
+    h = -(-size // 2)
+    total = conv(h, 7, channels, base)
+    h = -(-h // 2)                                     # max-pool
+  cin = base
+  for stage, n in enumerate(counts):
+    planes = base * 2**stage
+    for i in range(n):
+      stride = 2 if stage > 0 and i == 0 else 1
+      out_h = -(-h // stride)
+      if kind == 'basic':
+        cout = planes
+        total += conv(out_h, 3, cin, planes) + conv(out_h, 3, planes, planes)
+      else:
+        cout = planes * 4                              # v1.5: the stride is on the 3x3
+        total += (conv(h, 1, cin, planes) + conv(out_h, 3, planes, planes)
+                  + conv(out_h, 1, planes, cout))
+      if stride != 1 or cin != cout:
+        total += conv(out_h, 1, cin, cout)             # downsample shortcut
+      cin, h = cout, out_h
+  return total
+
+
+def _resnet_step_flops(config, channels: int, probe_classes: int) -> dict:
+  from mocojax.models import resnet as resnet_lib
+  m, h, b = config.model, config.head, config.batch_size
+  feat = resnet_lib.feature_dim(m.depth, m.width)
+  backbone = resnet_forward_flops(m.depth, m.width, m.small_stem, config.data.image_size,
+                                  channels)
+  if config.method == 'mocov3':
+    proj = _mlp_flops(h.proj_layers, feat, h.hidden_dim, h.out_dim)
+    pred = _mlp_flops(h.pred_layers, h.out_dim, h.hidden_dim, h.out_dim)
+    per_image = 2 * (3 * (backbone + proj + pred) + backbone + proj)
+    loss = 2 * (2 * b * b * h.out_dim) * 2
+  else:   # v1/v2: query fwd + bwd, key fwd; symmetric doubles both
+    proj = _mlp_flops(2 if h.mlp else 1, feat, feat, h.out_dim)
+    pred = 0
+    views = 2 if config.get('symmetric', False) else 1
+    per_image = views * (3 * (backbone + proj) + backbone + proj)
+    # q . [k+, queue] over K + 1 keys, forward and the gradient for q, per query view.
+    loss = views * 2 * (2 * b * (config.queue_size + 1) * h.out_dim)
+  probe = 2 * (2 * feat * probe_classes)
+  return dict(kind='resnet', width=feat, backbone=backbone, proj=proj, pred=pred, probe=probe,
+              per_image_step=per_image, step=b * (per_image + probe) + loss)
+
+
+def _vit_step_flops(config, channels: int, probe_classes: int) -> dict:
   from mocojax.models import vit as vit_lib
   m = config.model
   width, depth, _ = vit_lib.SIZES.get(m.variant, (None, None, None))
@@ -138,7 +216,7 @@ def analytic_flops(config, channels: int, probe_classes: int = 0) -> dict:
                    + patch + blocks + proj)               # momentum: fwd only
   loss = 2 * (2 * b * b * h.out_dim) * 2                  # 2 terms x (q k^T fwd + grad of q)
   probe = 2 * (2 * width * probe_classes)                 # fwd + weight gradient, view 1
-  return dict(tokens=n, width=width, depth=depth, patch=patch, blocks=blocks,
+  return dict(kind='vit', tokens=n, width=width, depth=depth, patch=patch, blocks=blocks,
               attention=depth * block_attn, proj=proj, pred=pred, probe=probe,
               vit_forward=patch + blocks, per_image_step=per_image,
               step=b * (per_image + probe) + loss)
@@ -205,8 +283,8 @@ def measure(name: str) -> dict:
 
   config = load_config(name, _BATCH.value, _DTYPE.value)
   train.check_config(config)
-  channels = CHANNELS[name]
-  steps_per_epoch = max(1, TRAIN_EXAMPLES[name] // config.batch_size)
+  train_examples, channels, num_classes = dataset_shape(config)
+  steps_per_epoch = max(1, train_examples // config.batch_size)
   size = config.data.image_size
   b = config.batch_size
 
@@ -215,7 +293,6 @@ def measure(name: str) -> dict:
   mesh = parallel.make_mesh(tuple(tuple(a) for a in config.mesh))
   replicated = parallel.replicated(mesh)
   data_sharding = parallel.batch_sharding(mesh)
-  num_classes = NUM_CLASSES[name]
   _, step_fn, init_fn, _ = train.build(config, steps_per_epoch, channels, num_classes)
   sample = jnp.zeros((1, size, size, channels))
   rng = jax.random.key(config.seed)
@@ -285,8 +362,14 @@ def measure(name: str) -> dict:
 
   # ---- Report.
   d0 = jax.devices()[0]
-  print(f'\n=== {name}: MoCo v3 train step, ViT {ana["width"]}w x {ana["depth"]} blocks, '
-        f'{size} px, patch {config.model.patch_size} ({ana["tokens"]} tokens), dtype {_DTYPE.value}')
+  m = config.model
+  if ana['kind'] == 'vit':
+    model_desc = (f'ViT {ana["width"]}w x {ana["depth"]} blocks, {size} px, patch '
+                  f'{m.patch_size} ({ana["tokens"]} tokens)')
+  else:
+    model_desc = (f'ResNet-{m.depth} width {m.width:g} ({ana["width"]}-d features), {size} px, '
+                  f'{"small" if m.small_stem else "torchvision"} stem, BN {m.bn_stats}')
+  print(f'\n=== {name}: {config.method} train step, {model_desc}, dtype {_DTYPE.value}')
   print('  input: synthetic batches already on device; the input pipeline is excluded')
   print(f'  backend {d0.platform}, device kind {d0.device_kind!r}; mesh {dict(mesh.shape)}; '
         f'state {layout}, donated')
@@ -304,12 +387,22 @@ def measure(name: str) -> dict:
         f'unpartitioned lowered HLO: {gflop(flops_lowered)})')
   print(f'  analytic FLOPs/step {gflop(ana["step"])}  (matmuls only; XLA/analytic = '
         + (f'{flops_step / ana["step"]:.3f})' if flops_step else 'n/a)'))
-  print(f'    per image: ViT forward {gflop(ana["vit_forward"])} (patch proj {gflop(ana["patch"])}, '
-        f'blocks {gflop(ana["blocks"])} of which attention N^2 terms {gflop(ana["attention"])}); '
-        f'projector {gflop(ana["proj"])}, predictor {gflop(ana["pred"])} forward'
-        + (f'; probe {gflop(ana["probe"])} fwd+bwd' if has_probe else ''))
-  print(f'    per image per step: {gflop(ana["per_image_step"])} = 2 views x (base 3x fwd '
-        f'[no patch backward] + momentum 1x fwd); plus the loss over the global batch')
+  probe_desc = f'; probe {gflop(ana["probe"])} fwd+bwd' if has_probe else ''
+  if ana['kind'] == 'vit':
+    print(f'    per image: ViT forward {gflop(ana["vit_forward"])} (patch proj '
+          f'{gflop(ana["patch"])}, blocks {gflop(ana["blocks"])} of which attention N^2 terms '
+          f'{gflop(ana["attention"])}); projector {gflop(ana["proj"])}, predictor '
+          f'{gflop(ana["pred"])} forward{probe_desc}')
+    print(f'    per image per step: {gflop(ana["per_image_step"])} = 2 views x (base 3x fwd '
+          f'[no patch backward] + momentum 1x fwd); plus the loss over the global batch')
+  else:
+    print(f'    per image: ResNet forward {gflop(ana["backbone"])} (convs); head '
+          f'{gflop(ana["proj"])}, predictor {gflop(ana["pred"])} forward{probe_desc}')
+    views = ('2 views' if config.method == 'mocov3' or config.get('symmetric', False)
+             else '1 query view')
+    print(f'    per image per step: {gflop(ana["per_image_step"])} = {views} x (query 3x fwd + '
+          f'key 1x fwd); plus the loss over the batch'
+          + ('' if config.method == 'mocov3' else f' and the {config.queue_size}-key queue'))
   print(f'  achieved            ' + (f'{achieved:.4f} TFLOP/s (XLA count); ' if achieved else '')
         + f'{achieved_ana:.4f} TFLOP/s (analytic count)')
   if peak:

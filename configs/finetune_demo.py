@@ -45,4 +45,8 @@ def get_config():
   c.eval_batch_size = 1000
   c.eval_every_epochs = 1
   c.log_every_steps = 50
+  # Rerunning the command in the same workdir resumes from the latest checkpoint.
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.async_checkpointing = True
   return c

@@ -32,6 +32,10 @@ def get_config():
   c.eval_batch_size = FieldReference(None, field_type=int)
   c.eval_every_epochs = 0                                 # 0: evaluate at the end only
   c.log_every_steps = 100
+  # Augmented mode: rerunning the command resumes from the latest checkpoint.
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  c.stop_after_steps = FieldReference(None, field_type=int)   # stop early; a rerun resumes
   # Overrides of the pretraining data config (e.g. data on another path).
   c.data_dir = FieldReference(None, field_type=str)
   c.train_split = FieldReference(None, field_type=str)

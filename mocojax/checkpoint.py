@@ -23,7 +23,9 @@ from etils import epath
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'eval',
                      'data.data_dir', 'async_checkpointing', 'plot', 'stop_after_steps',
                      # the layout: a run may resume on another mesh (orbax reshards)
-                     'mesh', 'sharding_rules', 'fsdp_min_size')
+                     'mesh', 'sharding_rules', 'fsdp_min_size',
+                     # fine-tuning and probe configs name theirs differently
+                     'eval_every_epochs', 'eval_batch_size')
 
 
 def _flatten(d, prefix=''):

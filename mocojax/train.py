@@ -156,18 +156,12 @@ def check_config(config):
 # ----------------------------------------------------------------------------------------------
 def knn_evaluator(config, method, mesh, train_source, eval_source):
   """Returns state -> {'knn/top1@k': acc}; features are the base backbone's, inference mode."""
-  d = config.data
-  kw = dict(global_batch=config.eval.batch_size, image_size=d.image_size, mean=d.mean, std=d.std)
-  feature_fn = method.features
-  sharding = parallel.batch_sharding(mesh)
-
   def run(state):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    feats = {}
-    for split, src in (('bank', train_source), ('query', eval_source)):
-      batches = pipeline.device_batches(pipeline.eval_dataset(src, **kw), sharding)
-      feats[split] = features_lib.extract_features(feature_fn, variables, batches, mesh=mesh)
-    (bf, bl, bm), (qf, ql, qm) = feats['bank'], feats['query']
+    (bf, bl, bm), (qf, ql, qm) = (
+        features_lib.split_features(method.features, variables, source, data_config=config.data,
+                                    batch_size=config.eval.batch_size, mesh=mesh)
+        for source in (train_source, eval_source))
     acc = knn_lib.knn_accuracy(bf, bl, qf, ql, num_classes=train_source.num_classes,
                                ks=tuple(config.eval.knn_ks), temperature=config.eval.knn_temperature,
                                mesh=mesh, bank_mask=bm, query_mask=qm)

@@ -33,3 +33,15 @@ def extract_features(feature_fn, variables, batches, *, mesh: Mesh):
     if not features:
         raise ValueError('no batches to extract features from')
     return (_concat_rows(features, rows), _concat_rows(labels, rows), _concat_rows(masks, rows))
+
+
+def split_features(feature_fn, variables, source, *, data_config, batch_size: int, mesh: Mesh):
+    """(features, labels, mask) of every example of `source`: resize + centre crop, no
+    augmentation, normalised as `data_config` says; row-sharded and padded as above."""
+    from mocojax import parallel  # the data pipeline (TensorFlow) only where features are made
+    from mocojax.data import pipeline
+    d = data_config
+    ds = pipeline.eval_dataset(source, global_batch=batch_size, image_size=d.image_size,
+                               mean=d.mean, std=d.std)
+    batches = pipeline.device_batches(ds, parallel.batch_sharding(mesh))
+    return extract_features(feature_fn, variables, batches, mesh=mesh)

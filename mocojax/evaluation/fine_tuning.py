@@ -11,6 +11,10 @@ the position table get no weight decay (timm's no_weight_decay set).
 Training images are RandomResizedCrop + flip (classification.train_dataset); the recipes of
 the papers add RandAugment, mixup/cutmix and drop-path, which this module does not have.
 Reports top-1 on the eval split (resize + centre crop).
+
+Checkpoints (orbax, atomic, as pretraining's: state plus data position plus the run-defining
+config) go to <workdir>/checkpoints every `checkpoint_every_steps`; rerunning the same command
+resumes from the latest one and continues the same run, batch for batch.
 """
 
 import json
@@ -29,6 +33,7 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
+from mocojax import checkpoint as ckpt_lib
 from mocojax import parallel
 from mocojax.data import pipeline, sources
 from mocojax.data.sources import Source
@@ -196,8 +201,24 @@ def run(encoder_path: str, config, workdir: str, *, train_source: Optional[Sourc
   init = jax.jit(lambda v: init_state(v, model=model, tx=tx, seed=config.seed,
                                       image_shape=(size, size, info['channels'])),
                  out_shardings=replicated)
-  state = init(variables)
-  del variables  # the state holds (replicated copies of) them now
+  checkpointer = ckpt_lib.Checkpointer(workdir, config, config.checkpoint_every_steps,
+                                       config.keep_checkpoints,
+                                       config.get('async_checkpointing', True))
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    checkpointer.check_config(latest)   # before anything compiles
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                            jax.eval_shape(init, variables))
+    del variables
+    state, meta = checkpointer.restore(latest, abstract)
+    if meta['data']['next_step'] != int(jax.device_get(state.step)):
+      raise ValueError(f'Checkpoint {latest} in {checkpointer.directory} is inconsistent: the '
+                       f'state is at step {int(state.step)}, the data at {meta["data"]}.')
+    logging.info('Resumed fine-tuning from %s at step %d.', checkpointer.directory, latest)
+  else:
+    state = init(variables)
+    del variables  # the state holds (replicated copies of) them now
+  start_step = int(jax.device_get(state.step))
   step_fn = jax.jit(
       lambda s, b: train_step(s, b, model=model, tx=tx, lr=lr,
                               label_smoothing=config.label_smoothing),
@@ -218,8 +239,8 @@ def run(encoder_path: str, config, workdir: str, *, train_source: Optional[Sourc
     return float(jax.device_get(correct)) / eval_source.num_examples
 
   metrics_log = os.path.join(workdir, 'metrics.jsonl')
-  if primary:
-    open(metrics_log, 'w').close()  # no resuming: a rerun starts its log afresh
+  if primary and start_step == 0:
+    open(metrics_log, 'w').close()  # a fresh run starts its log afresh; a resumed one appends
 
   def write(step, scalars):
     writer.write_scalars(step, scalars)
@@ -228,15 +249,15 @@ def run(encoder_path: str, config, workdir: str, *, train_source: Optional[Sourc
         f.write(json.dumps({'step': step, **{k: float(v) for k, v in scalars.items()}}) + '\n')
 
   ds = classification.train_dataset(train_source, global_batch=config.batch_size,
-                                    seed=config.seed, image_size=size, mean=mean, std=std,
-                                    crop_scale=config.crop_scale)
+                                    seed=config.seed, start_step=start_step, image_size=size,
+                                    mean=mean, std=std, crop_scale=config.crop_scale)
   batches = pipeline.device_batches(ds, data_sharding)
   stop_at = min(total, config.get('stop_after_steps') or total)
   eval_every = int(round(config.eval_every_epochs * spe)) if config.eval_every_epochs else 0
   logging.info('Fine-tuning %s: %d steps (%d/epoch), %d classes, image size %d.', encoder_path,
                total, spe, train_source.num_classes, size)
   t0, pending = time.time(), []
-  for step in range(1, stop_at + 1):
+  for step in range(start_step + 1, stop_at + 1):
     state, metrics = step_fn(state, next(batches))
     pending.append(metrics)
     if step % config.log_every_steps == 0 or step == stop_at:
@@ -248,13 +269,16 @@ def run(encoder_path: str, config, workdir: str, *, train_source: Optional[Sourc
                                  'lower base_lr or raise warmup_epochs.')
       write(step, scalars)
       pending = []
+    if step % config.checkpoint_every_steps == 0 or step == stop_at:
+      checkpointer.save(step, state, dict(seed=config.seed, next_step=step), force=True)
     if eval_every and step % eval_every == 0 and step < stop_at:
       write(step, {'top1': evaluate(state)})
 
+  checkpointer.close()
   top1 = evaluate(state)
   write(stop_at, {'top1': top1})
   writer.flush()
-  result = dict(top1=top1, steps=int(stop_at), epochs=stop_at / spe,
+  result = dict(top1=top1, steps=int(stop_at), epochs=stop_at / spe, resumed_from=start_step,
                 encoder=os.path.abspath(encoder_path), eval_examples=int(eval_source.num_examples),
                 seconds=round(time.time() - t0, 1))
   if primary:

@@ -19,6 +19,11 @@ In both, `lr_multipliers` trains one head per multiplier of the base lr side by 
 features (one backbone pass for all), and the best head's top-1 is reported. That choice is made
 on the eval split, as DINO's and MAE's sweeps do; say so when quoting the number.
 `feature_norm=True` puts a parameter-free BatchNorm in front of each head, as MAE does.
+
+The augmented mode checkpoints the heads (orbax, atomic, with the data position and the
+run-defining settings) to <outdir>/checkpoints every `checkpoint_every_steps`; rerunning the
+command resumes the same probe. The fast mode has nothing worth saving: its cost is the one
+feature pass, and its epochs take seconds.
 """
 
 import dataclasses
@@ -37,6 +42,7 @@ from absl import logging
 from clu import metric_writers
 from jax.sharding import Mesh
 
+from mocojax import checkpoint as ckpt_lib
 from mocojax import parallel
 from mocojax.data import pipeline, sources
 from mocojax.data.sources import Source
@@ -144,12 +150,9 @@ def head_logits(heads, state: HeadState, features):
 # ----------------------------------------------------------------------------------------------
 def cache_features(backbone, source: Source, settings, data_config, mesh: Mesh):
   """(features, labels, mask) of every example, centre-cropped, row-sharded and padded."""
-  ds = pipeline.eval_dataset(source, global_batch=settings.eval_batch_size,
-                             image_size=data_config.image_size, mean=data_config.mean,
-                             std=data_config.std)
-  batches = pipeline.device_batches(ds, parallel.batch_sharding(mesh))
-  return features_lib.extract_features(backbone.features, backbone.variables, batches,
-                                       mesh=mesh)
+  return features_lib.split_features(backbone.features, backbone.variables, source,
+                                     data_config=data_config,
+                                     batch_size=settings.eval_batch_size, mesh=mesh)
 
 
 def _check_padding_at_end(mask, n: int):
@@ -253,10 +256,27 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
                'fast' if settings.fast else 'augmented', len(peak_lrs),
                ', '.join(f'{x:g}' for x in peak_lrs), total_steps, spe, feature_dim, num_classes)
 
+  start_step, checkpointer = 0, None
+  if not settings.fast:
+    checkpointer = ckpt_lib.Checkpointer(outdir, settings, settings.checkpoint_every_steps,
+                                         settings.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      checkpointer.check_config(latest)   # before anything compiles
+      abstract = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
+      state, meta = checkpointer.restore(latest, abstract)
+      start_step = int(jax.device_get(state.step))
+      if meta['data']['next_step'] != start_step:
+        raise ValueError(f'Checkpoint {latest} in {checkpointer.directory} is inconsistent: the '
+                         f'heads are at step {start_step}, the data at {meta["data"]}.')
+      logging.info('Resumed the linear probe from %s at step %d.', checkpointer.directory,
+                   start_step)
+
   metrics_log = os.path.join(outdir, 'metrics.jsonl')
   if primary:
-    # A probe does not resume: a rerun starts its log afresh.
-    open(metrics_log, 'w').close()
+    if start_step == 0:
+      open(metrics_log, 'w').close()   # a fresh probe starts its log; a resumed one appends
     with open(os.path.join(outdir, 'config.json'), 'w') as f:
       f.write(settings.to_json_best_effort(indent=2))
 
@@ -319,10 +339,12 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
 
     ds = classification.train_dataset(
         train_source, global_batch=settings.batch_size, seed=settings.seed,
-        image_size=d.image_size, mean=d.mean, std=d.std, crop_scale=settings.crop_scale)
+        start_step=start_step, image_size=d.image_size, mean=d.mean, std=d.std,
+        crop_scale=settings.crop_scale)
     batches = pipeline.device_batches(ds, data_sharding)
     pending = []
-    for step in range(1, total_steps + 1):
+    stop_at = min(total_steps, settings.get('stop_after_steps') or total_steps)
+    for step in range(start_step + 1, stop_at + 1):
       state, losses = step_fn(state, backbone.variables, next(batches))
       pending.append(losses)
       if step % settings.log_every_steps == 0 or step == total_steps:
@@ -334,8 +356,11 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
           logging.warning('Non-finite loss at step %d for lr %s.', step,
                           [f'{lr:g}' for lr, l in zip(peak_lrs, losses) if not np.isfinite(l)])
         write(step, scalars)
+      if step % settings.checkpoint_every_steps == 0 or step == stop_at:
+        checkpointer.save(step, state, dict(seed=settings.seed, next_step=step), force=True)
       if eval_every and step % eval_every == 0 and step < total_steps:
         write(step, accuracies(evaluate(state), eval_source.num_examples))
+    checkpointer.close()
 
   final = accuracies(evaluate(state), eval_source.num_examples)
   best = int(np.argmax([final[f'top1/lr={lr:g}'] for lr in peak_lrs]))
@@ -347,6 +372,7 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
       steps=int(total_steps), batch_size=int(settings.batch_size),
       feature_norm=bool(settings.feature_norm), pretraining_workdir=os.path.abspath(workdir),
       pretraining_step=backbone.step, eval_examples=int(eval_source.num_examples),
+      resumed_from=start_step,
       seconds=round(time.time() - t0, 1))
   write(total_steps, {**final, 'top1': result['top1']})
   writer.flush()

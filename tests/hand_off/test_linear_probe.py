@@ -54,3 +54,21 @@ def test_augmented_probe_leaves_resnet_bit_identical(resnet_run, toy_sources, tm
   want = {'params': saved.params['backbone'], 'batch_stats': saved.batch_stats['backbone']}
   _assert_bit_identical(trained['backbone'].variables, want)
   _assert_bit_identical(run_lib.restore_backbone(str(workdir)).variables, want)
+
+
+def test_interrupted_augmented_probe_resumes_the_same_run(resnet_run, toy_sources, tmp_path):
+  workdir, _ = resnet_run
+  sources = dict(train_source=toy_sources[0], eval_source=toy_sources[1])
+  c = _probe_config(epochs=2.0, crop_scale=(0.5, 1.0), checkpoint_every_steps=4)
+  _, whole = linear_probe.run(str(workdir), c, outdir=str(tmp_path / 'whole'), **sources)
+  # Preempted after step 5 of 12, then the same command again.
+  linear_probe.run(str(workdir), _probe_config(epochs=2.0, crop_scale=(0.5, 1.0),
+                                               checkpoint_every_steps=4, stop_after_steps=5),
+                   outdir=str(tmp_path / 'cut'), **sources)
+  result, resumed = linear_probe.run(str(workdir), c, outdir=str(tmp_path / 'cut'), **sources)
+  assert result['resumed_from'] == 5 and int(resumed['heads'].step) == 12
+  jax.tree.map(np.testing.assert_array_equal, whole['heads'].params, resumed['heads'].params)
+  with pytest.raises(ValueError, match='crop_scale'):
+    linear_probe.run(str(workdir), _probe_config(epochs=2.0, crop_scale=(0.2, 1.0),
+                                                 checkpoint_every_steps=4),
+                     outdir=str(tmp_path / 'cut'), **sources)
