@@ -13,6 +13,10 @@ settings of the authors' own CIFAR-10 demo rather than of the 200-epoch ImageNet
 momentum 0.99 (0.999 would leave the key encoder ~40% its random init after the run's 1,872
 steps) and a queue of 4096 keys. The lr is the recipe's 0.03, reached at batch 128
 (base_lr 0.06), since the linear scaling rule would halve it at this batch.
+
+Expected (2 CPU cores, Intel Xeon Sapphire Rapids, 2026-11-25, nothing else running): 17 min 18 s
+wall time (~280 images/s), kNN top-1 80.5%, 81.4%, 81.6%, 81.5% after epochs 1-4 (k=20, T=0.07,
+global-average-pooled backbone features; 79.8% at k=200), online linear probe 77.7%.
 """
 
 from configs import common

@@ -10,6 +10,10 @@ files; point --config.data.data_dir elsewhere if yours live elsewhere.
 
 Scaled as configs/demo_mocov1.py (4 epochs at batch 128, key momentum 0.99, lr 0.03 at batch
 128), plus the blur of the demo ViT: sigma 0.1-1 px at 28 px instead of 0.1-2 px at 224 px.
+
+Expected (2 CPU cores, Intel Xeon Sapphire Rapids, 2026-11-25, nothing else running): 17 min 33 s
+wall time (~295 images/s), kNN top-1 81.9%, 83.3%, 83.8%, 83.5% after epochs 1-4 (k=20, T=0.07,
+global-average-pooled backbone features; 80.8% at k=200), online linear probe 77.0%.
 """
 
 from configs import common

@@ -13,6 +13,10 @@ the work of a v1/v2 step, so 2 epochs at batch 128 (~160 images/s on 2 cores). T
 from the ImageNet recipe, both for so short a run: tau 0.2 (the ViT recipe's) instead of 1.0,
 which was tuned for batch 4096 and 100+ epochs, and the blur of the demo ViT (sigma 0.1-1 px
 at 28 px instead of 0.1-2 px at 224 px).
+
+Expected (2 CPU cores, Intel Xeon Sapphire Rapids, 2026-11-25, nothing else running): 14 min 13 s
+wall time (~160 images/s), kNN top-1 80.6% and 81.6% after epochs 1 and 2 (k=20, T=0.07,
+global-average-pooled backbone features; 77.4% at k=200), online linear probe 67.9%.
 """
 
 from configs import common
