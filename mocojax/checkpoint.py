@@ -87,6 +87,20 @@ class Checkpointer:
                                       meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
+  def resume(self, abstract_state):
+    """(state, step) of the latest checkpoint, config checked first and the data position
+    checked against the state's step; (None, 0) when there is none."""
+    latest = self.latest_step()
+    if latest is None:
+      return None, 0
+    self.check_config(latest)
+    state, meta = self.restore(latest, abstract_state)
+    step = int(state.step)
+    if meta['data']['next_step'] != step:
+      raise ValueError(f'Checkpoint {latest} in {self.directory} is inconsistent: the state is '
+                       f'at step {step}, the data position at {meta["data"]}.')
+    return state, step
+
   def save(self, step: int, state, data_position: dict, force: bool = False) -> bool:
     meta = dict(step=int(step), data=data_position, config=run_defining(self.config))
     return self.manager.save(

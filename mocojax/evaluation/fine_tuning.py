@@ -204,21 +204,15 @@ def run(encoder_path: str, config, workdir: str, *, train_source: Optional[Sourc
   checkpointer = ckpt_lib.Checkpointer(workdir, config, config.checkpoint_every_steps,
                                        config.keep_checkpoints,
                                        config.get('async_checkpointing', True))
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    checkpointer.check_config(latest)   # before anything compiles
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                            jax.eval_shape(init, variables))
-    del variables
-    state, meta = checkpointer.restore(latest, abstract)
-    if meta['data']['next_step'] != int(jax.device_get(state.step)):
-      raise ValueError(f'Checkpoint {latest} in {checkpointer.directory} is inconsistent: the '
-                       f'state is at step {int(state.step)}, the data at {meta["data"]}.')
-    logging.info('Resumed fine-tuning from %s at step %d.', checkpointer.directory, latest)
-  else:
+  # The config is checked before anything compiles; eval_shape only traces.
+  state, start_step = checkpointer.resume(jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      jax.eval_shape(init, variables)))
+  if state is None:
     state = init(variables)
-    del variables  # the state holds (replicated copies of) them now
-  start_step = int(jax.device_get(state.step))
+  else:
+    logging.info('Resumed fine-tuning from %s at step %d.', checkpointer.directory, start_step)
+  del variables  # the state holds (replicated copies of) them now
   step_fn = jax.jit(
       lambda s, b: train_step(s, b, model=model, tx=tx, lr=lr,
                               label_smoothing=config.label_smoothing),

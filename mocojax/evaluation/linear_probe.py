@@ -260,16 +260,10 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
   if not settings.fast:
     checkpointer = ckpt_lib.Checkpointer(outdir, settings, settings.checkpoint_every_steps,
                                          settings.keep_checkpoints)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-      checkpointer.check_config(latest)   # before anything compiles
-      abstract = jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
-      state, meta = checkpointer.restore(latest, abstract)
-      start_step = int(jax.device_get(state.step))
-      if meta['data']['next_step'] != start_step:
-        raise ValueError(f'Checkpoint {latest} in {checkpointer.directory} is inconsistent: the '
-                         f'heads are at step {start_step}, the data at {meta["data"]}.')
+    resumed, start_step = checkpointer.resume(jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state))
+    if resumed is not None:
+      state = resumed
       logging.info('Resumed the linear probe from %s at step %d.', checkpointer.directory,
                    start_step)
 
