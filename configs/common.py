@@ -42,7 +42,7 @@ def mocov3_vit(variant: str = 'base', patch_size: int = 16) -> ml_collections.Co
       source='tfds', name='imagenet2012', data_dir=ml_collections.FieldReference(None, field_type=str),
       train_split='train', eval_split='validation', image_size=224, recipe='mocov3',
       crop_scale=(0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-      # Overrides of the recipe's augmentation (mocojax.data.augment.ViewSpec fields, applied
+      # Overrides of the recipe's augmentation (mocojax.data.recipes.ViewSpec fields, applied
       # to both views); None keeps the recipe's value.
       augment=ml_collections.ConfigDict(dict(
           blur_sigma=ml_collections.config_dict.placeholder(tuple),

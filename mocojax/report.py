@@ -89,10 +89,9 @@ def test_features(workdir: str, num_points: int):
   d = backbone.config.data
   source = sources.get_source(d, d.eval_split)
   batch = backbone.config.eval.batch_size
-  batches = pipeline.device_batches(
-      pipeline.eval_dataset(source, global_batch=batch, image_size=d.image_size, mean=d.mean,
-                            std=d.std).take(-(-num_points // batch)),
-      parallel.batch_sharding(mesh))
+  batches = pipeline.eval_batches(source, sharding=parallel.batch_sharding(mesh),
+                                  global_batch=batch, image_size=d.image_size, mean=d.mean,
+                                  std=d.std, num_batches=-(-num_points // batch))
   feats, labels, mask = features_lib.extract_features(backbone.features, backbone.variables,
                                                       batches, mesh=mesh)
   keep = np.asarray(jax.device_get(mask))

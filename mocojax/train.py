@@ -250,12 +250,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---- Data, positioned at the step we resume from (batches are a function of (seed, step)).
   d = config.data
-  train_ds = pipeline.train_dataset(
-      train_source, global_batch=config.batch_size, seed=config.seed, start_step=start_step,
-      image_size=d.image_size, recipe=d.recipe, crop_scale=tuple(d.crop_scale), mean=d.mean,
-      std=d.std, augment_overrides={k: tuple(v) if isinstance(v, (list, tuple)) else v
-                                    for k, v in d.augment.items() if v is not None})
-  batches = pipeline.device_batches(train_ds, data_sharding)
+  # The host reads, decodes and crops; the devices finish the views (jitter, blur, ...).
+  batches = pipeline.train_batches(
+      train_source, sharding=data_sharding, global_batch=config.batch_size, seed=config.seed,
+      start_step=start_step, image_size=d.image_size, recipe=d.recipe,
+      crop_scale=tuple(d.crop_scale), mean=d.mean, std=d.std,
+      augment_overrides={k: tuple(v) if isinstance(v, (list, tuple)) else v
+                         for k, v in d.augment.items() if v is not None})
 
   # ---- Loop.
   stop_at = min(total_steps, config.get('stop_after_steps') or total_steps)

@@ -141,12 +141,11 @@ def test_image_folder(tmp_path):
   # Variable-size images go through both pipelines.
   (batch,) = [b for b, _ in zip(pipeline.train_dataset(
       source, global_batch=2, seed=0, start_step=0, image_size=8,
-      mean=[0.5] * 3, std=[0.5] * 3, process_index=0,
-      process_count=1).as_numpy_iterator(), range(1))]
+      process_index=0, process_count=1).as_numpy_iterator(), range(1))]
   assert batch['view1'].shape == (2, 8, 8, 3)
   batches = list(pipeline.eval_dataset(
-      source, global_batch=2, image_size=4, mean=[0.5] * 3, std=[0.5] * 3,
-      process_index=0, process_count=1).as_numpy_iterator())
+      source, global_batch=2, image_size=4, process_index=0,
+      process_count=1).as_numpy_iterator())
   assert [b['mask'].tolist() for b in batches] == [[True, True],
                                                    [True, False]]
 

@@ -7,20 +7,24 @@ batch from a key of (seed, s), i.e. keyed by (seed, s, row in the global
 batch, view). Resuming at any step therefore reproduces the uninterrupted
 stream bit for bit (same machine and TF build) without checkpointing iterator
 state. The global batch holds the same examples and random draws whatever the
-number of hosts; its pixel values agree to float rounding only, because
-vectorised kernels round differently at different per-host batch sizes.
+number of hosts.
+
+The work is split where it is cheapest: the host reads, decodes and crops
+(uint8 out, a quarter of float32's bytes to the device); the device does the
+photometric rest (`photometric`), keyed by each example's (seed, step, row).
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Iterator
 
 import jax
 import numpy as np
 import tensorflow as tf
 
-from mocojax.data import augment
+from mocojax.data import augment, photometric, recipes
 from mocojax.data.sources import Source
 
 # Distinct streams derived from the user seed, so that shuffling and
@@ -103,101 +107,116 @@ def train_steps(source: Source, *, global_batch: int, seed: int,
 
 def step_uniforms(seed: int, step, global_batch: int, process_index: int,
                   per_host: int):
-  """This host's rows of the step's augmentation uniforms [b, 2, K].
+  """This host's rows of the step's crop uniforms [b, 2, CROP_UNIFORMS].
 
   Drawn for the whole global batch from a key of (seed, step) and sliced,
-  so row r's randomness depends only on (seed, step, r, view), whatever the
+  so row r's crops depend only on (seed, step, r, view), whatever the
   number of hosts.
   """
   key = _fold(_base_seed(seed), _AUGMENT_STREAM, step)
-  u = tf.random.stateless_uniform([global_batch, 2, augment.VIEW_UNIFORMS],
+  u = tf.random.stateless_uniform([global_batch, 2, augment.CROP_UNIFORMS],
                                   key, dtype=tf.float32)
   return u[process_index * per_host:(process_index + 1) * per_host]
 
 
 def train_dataset(source: Source, *, global_batch: int, seed: int,
                   start_step: int, image_size: int, recipe: str = 'mocov3',
-                  crop_scale=None, mean, std, process_index=None,
-                  process_count=None, augment_overrides=None,
+                  crop_scale=None, process_index=None, process_count=None,
+                  augment_overrides=None,
                   num_parallel_calls=tf.data.AUTOTUNE) -> tf.data.Dataset:
-  """Endless per-host batches {'view1', 'view2', 'label'} from start_step.
+  """The host half of the two-view stream: endless per-host batches from start_step of
+  {'view1', 'view2': uint8 [b, S, S, C] random resized crops, 'label',
+   'step', 'row': int32 [b], each example's global step and row in the global batch}.
 
-  Element k is global step start_step + k; views are float32 [b, S, S, C]
-  with b = global_batch // process_count. `augment_overrides` replaces
-  ViewSpec fields of both views (see augment.view_specs).
+  Element k is global step start_step + k, b = global_batch // process_count.
+  `photometric.two_views` on the device finishes the views (jitter, grayscale, blur, solarize,
+  flip, normalisation), keyed by 'step' and 'row'; `train_batches` runs both halves.
+  `augment_overrides` replaces recipe ViewSpec fields of both views.
 
-  Sources with `batched_lookup` (in-memory arrays) are gathered and
-  augmented a whole step at a time. Others (image files) are read and
-  cropped per example, then the rest of the augmentation runs per batch.
+  Sources with `batched_lookup` (in-memory arrays) are gathered and cropped a
+  whole step at a time; others (image files) are read, decoded once and
+  cropped twice per example.
   """
   pi, pc, b = _host_split(global_batch, process_index, process_count)
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
-  specs = augment.view_specs(recipe, crop_scale,
-                             **(augment_overrides or {}))
+  specs = recipes.view_specs(recipe, crop_scale, **(augment_overrides or {}))
   steps = train_steps(source, global_batch=global_batch, seed=seed,
                       start_step=start_step, process_index=pi,
                       process_count=pc)
+  rows = tf.range(pi * b, (pi + 1) * b, dtype=tf.int32)
 
-  def uniforms(step):
-    return step_uniforms(seed, step, global_batch, pi, b)
-
-  def finish(crops, u, label):
-    views = {
-        f'view{v + 1}': augment.normalize(
-            augment.finish_view_batch(crops[v], u[:, v], specs[v]), mean,
-            std) for v in range(2)}
-    return dict(views, label=tf.cast(label, tf.int32))
+  def crop_args(v):
+    return dict(size=image_size, scale=specs[v].crop_scale,
+                ratio=specs[v].crop_ratio)
 
   if source.batched_lookup:
     def load_step(step, indices):
       example = source.lookup(indices)
-      images = tf.image.convert_image_dtype(example['image'], tf.float32)
-      u = uniforms(step)
-      crops = [augment.crop_view_batch(images, u[:, v], specs[v], image_size)
-               for v in range(2)]
-      return finish(crops, u, example['label'])
+      u = step_uniforms(seed, step, global_batch, pi, b)
+      views = {f'view{v + 1}': augment.random_resized_crop_batch(
+          example['image'], u[:, v], **crop_args(v)) for v in range(2)}
+      return dict(views, label=tf.cast(example['label'], tf.int32),
+                  step=tf.fill([b], tf.cast(step, tf.int32)), row=rows)
 
     ds = steps.map(load_step, num_parallel_calls=num_parallel_calls,
                    deterministic=True)
   else:
     def explode(step, indices):
-      return tf.data.Dataset.from_tensor_slices((indices, uniforms(step)))
+      return tf.data.Dataset.from_tensor_slices(
+          (tf.fill([b], tf.cast(step, tf.int32)), rows, indices,
+           step_uniforms(seed, step, global_batch, pi, b)))
 
-    def load_example(index, u):
-      example = source.lookup(index)
-      image = tf.image.convert_image_dtype(example['image'], tf.float32)
-      crops = tuple(augment.crop_view(image, u[v], specs[v], image_size)
-                    for v in range(2))
-      return crops, u, example['label']
+    def load_example(step, row, index, u):
+      example = source.lookup(index)  # one read and one decode for both views
+      views = {f'view{v + 1}': augment.random_resized_crop(
+          example['image'], u[v], **crop_args(v)) for v in range(2)}
+      return dict(views, label=tf.cast(example['label'], tf.int32),
+                  step=step, row=row)
 
     ds = steps.flat_map(explode)
     ds = ds.map(load_example, num_parallel_calls=num_parallel_calls,
                 deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
-    ds = ds.map(finish, num_parallel_calls=num_parallel_calls,
-                deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def eval_preprocess(image, image_size: int, mean, std):
-  """Resize the shorter side to round(S * 256 / 224), centre-crop S.
+def train_batches(source: Source, *, sharding, global_batch: int, seed: int,
+                  start_step: int, image_size: int, mean, std,
+                  recipe: str = 'mocov3', crop_scale=None,
+                  augment_overrides=None, **host_kw) -> Iterator[dict]:
+  """Global device batches {'view1', 'view2' float32 normalised, 'label'} from start_step:
+  `train_dataset` on this host, then `photometric.two_views` on the devices. A pure function
+  of (seed, step), like each half."""
+  overrides = augment_overrides or {}
+  ds = train_dataset(source, global_batch=global_batch, seed=seed,
+                     start_step=start_step, image_size=image_size,
+                     recipe=recipe, crop_scale=crop_scale,
+                     augment_overrides=overrides, **host_kw)
+  specs = recipes.view_specs(recipe, crop_scale, **overrides)
+  finish = functools.partial(photometric.two_views, specs=specs, seed=seed,
+                             mean=tuple(mean), std=tuple(std))
+  return device_batches(ds, sharding, finish)
+
+
+def eval_preprocess(image, image_size: int):
+  """Resize the shorter side to round(S * 256 / 224), centre-crop S; uint8 in and out.
 
   The ImageNet 256 -> 224 protocol scaled to S; images already S x S are
   passed through untouched (e.g. 28 px Fashion-MNIST at S = 28). Takes one
-  [H, W, C] image or a [B, H, W, C] batch.
+  [H, W, C] image or a [B, H, W, C] batch. Normalisation happens on the
+  device (`eval_batches`).
   """
-  x = tf.image.convert_image_dtype(image, tf.float32)
-  if tuple(image.shape[-3:-1]) != (image_size, image_size):
-    x = augment.resize_shorter(x, round(image_size * 256 / 224))
-    x = augment.center_crop(x, image_size)
-  return augment.normalize(x, mean, std)
+  if tuple(image.shape[-3:-1]) == (image_size, image_size):
+    return image
+  x = augment.resize_shorter(image, round(image_size * 256 / 224))
+  return augment.center_crop(x, image_size)
 
 
-def eval_dataset(source: Source, *, global_batch: int, image_size: int, mean,
-                 std, process_index=None, process_count=None,
+def eval_dataset(source: Source, *, global_batch: int, image_size: int,
+                 process_index=None, process_count=None,
                  num_parallel_calls=tf.data.AUTOTUNE) -> tf.data.Dataset:
-  """One finite pass, {'image', 'label', 'mask'}, padded to whole global batches.
+  """One finite pass, {'image' uint8, 'label', 'mask'}, padded to whole global batches.
 
   Global batch g holds examples [g*B, (g+1)*B); this host gets rows
   [pi*b, (pi+1)*b) of it. Rows past the end repeat example 0 with
@@ -214,7 +233,7 @@ def eval_dataset(source: Source, *, global_batch: int, image_size: int, mean,
   def load(i):  # one index, or a vector of them with batched lookup
     valid = i < n
     example = source.lookup(tf.where(valid, i, 0))
-    return {'image': eval_preprocess(example['image'], image_size, mean, std),
+    return {'image': eval_preprocess(example['image'], image_size),
             'label': tf.cast(example['label'], tf.int32),
             'mask': valid}
 
@@ -231,13 +250,31 @@ def eval_dataset(source: Source, *, global_batch: int, image_size: int, mean,
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def device_batches(dataset, sharding, prefetch: int = 2) -> Iterator[dict]:
+def eval_batches(source: Source, *, sharding, global_batch: int,
+                 image_size: int, mean, std, num_batches=None,
+                 **host_kw) -> Iterator[dict]:
+  """Global device batches {'image' float32 normalised, 'label', 'mask'}: `eval_dataset`
+  (optionally its first `num_batches`), normalised on the devices."""
+  ds = eval_dataset(source, global_batch=global_batch, image_size=image_size,
+                    **host_kw)
+  if num_batches is not None:
+    ds = ds.take(num_batches)
+  return device_batches(ds, sharding, functools.partial(
+      photometric.images, mean=tuple(mean), std=tuple(std)))
+
+
+def device_batches(dataset, sharding, transform=None,
+                   prefetch: int = 2) -> Iterator[dict]:
   """Yields global jax.Arrays built from this host's batches.
 
   `sharding` is one sharding for every leaf (typically a NamedSharding that
   splits the leading batch axis) or a pytree of shardings matching the
-  batch. Up to `prefetch` batches are transferred ahead, so the host-to-device
-  copy of the next batch overlaps the current step.
+  batch. `transform` (a jax function of a batch, such as
+  `photometric.two_views`) then runs on the devices, each on its own rows
+  (so it must treat rows independently) with a single NamedSharding. Up to
+  `prefetch` batches are transferred and transformed ahead, so the
+  host-to-device copy and the device work of the next batch overlap the
+  current step.
   """
   def to_global(batch):
     if isinstance(sharding, jax.sharding.Sharding):
@@ -247,10 +284,15 @@ def device_batches(dataset, sharding, prefetch: int = 2) -> Iterator[dict]:
     return jax.tree.map(jax.make_array_from_process_local_data, sharding,
                         batch)
 
+  place = to_global
+  if transform is not None:
+    on_devices = photometric.per_shard(transform, sharding)
+    place = lambda batch: on_devices(to_global(batch))
+
   queue = collections.deque()
   for batch in dataset.as_numpy_iterator() if isinstance(
       dataset, tf.data.Dataset) else dataset:
-    queue.append(to_global(batch))
+    queue.append(place(batch))
     if len(queue) > prefetch:
       yield queue.popleft()
   while queue:

@@ -1,6 +1,6 @@
 """Supervised pieces shared by the linear probe and fine-tuning.
 
-  train_dataset    labelled training batches: RandomResizedCrop + horizontal flip (the MoCo
+  train_batches    labelled training batches: RandomResizedCrop + horizontal flip (the MoCo
                    linear-classification transform), a pure function of (seed, step) like the
                    pretraining stream, on the same index stream (`pipeline.train_steps`);
   LinearHeads      K independent Linear classifiers over the same features, optionally behind
@@ -9,9 +9,10 @@
   cross_entropy    with label smoothing;
   count_correct    masked top-1 counts per head, for the padded evaluation batches.
 
-Evaluation images use `pipeline.eval_dataset` (resize to S*256/224, centre crop S).
+Evaluation images use `pipeline.eval_batches` (resize to S*256/224, centre crop S).
 """
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import optax
 import tensorflow as tf
 
-from mocojax.data import augment, pipeline
+from mocojax.data import augment, photometric, pipeline
 from mocojax.data.sources import Source
 
 # Augmentation uniforms of the labelled stream: a seed stream of its own, so a probe with the
@@ -39,10 +40,11 @@ def _step_uniforms(seed: int, step, global_batch: int, process_index: int, per_h
 
 
 def train_dataset(source: Source, *, global_batch: int, seed: int, start_step: int = 0,
-                  image_size: int, mean, std, crop_scale=(0.08, 1.0), process_index=None,
+                  image_size: int, crop_scale=(0.08, 1.0), process_index=None,
                   process_count=None,
                   num_parallel_calls=tf.data.AUTOTUNE) -> tf.data.Dataset:
-  """Endless per-host batches {'image' [b, S, S, C] float32 normalised, 'label' [b] int32}."""
+  """Endless per-host batches {'image' [b, S, S, C] uint8, 'label' [b] int32}: random resized
+  crop and flip, on the host (normalisation is left to the device: `train_batches`)."""
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   if global_batch % pc:
@@ -52,37 +54,42 @@ def train_dataset(source: Source, *, global_batch: int, seed: int, start_step: i
   steps = pipeline.train_steps(source, global_batch=global_batch, seed=seed,
                                start_step=start_step, process_index=pi, process_count=pc)
 
-  def finish(crops, u, label):
-    x = augment.random_flip_batch(crops, u[:, _FLIP:])
-    return {'image': augment.normalize(x, mean, std), 'label': tf.cast(label, tf.int32)}
+  def flip(images, u):  # [..., H, W, C] with u [...]: mirror where u < 1/2
+    mirrored = tf.reverse(images, axis=[-2])
+    return tf.where(tf.reshape(u < 0.5, tf.concat([tf.shape(u), [1, 1, 1]], 0)), mirrored,
+                    images)
 
   if source.batched_lookup:
     # Same-size in-memory images: gather and crop a whole step at once.
     def load_step(step, indices):
       example = source.lookup(indices)
-      images = tf.image.convert_image_dtype(example['image'], tf.float32)
       u = _step_uniforms(seed, step, global_batch, pi, b)
-      crops = augment.random_resized_crop_batch(images, u[:, :_FLIP], image_size, crop_scale)
-      return finish(crops, u, example['label'])
+      crops = augment.random_resized_crop_batch(example['image'], u[:, :_FLIP], image_size,
+                                                crop_scale)
+      return {'image': flip(crops, u[:, _FLIP]), 'label': tf.cast(example['label'], tf.int32)}
 
     ds = steps.map(load_step, num_parallel_calls=num_parallel_calls, deterministic=True)
   else:
-    # Images of any size (files): crop each on its own, then flip and normalise per batch.
+    # Images of any size (files): crop each on its own.
     def explode(step, indices):
       u = _step_uniforms(seed, step, global_batch, pi, b)
       return tf.data.Dataset.from_tensor_slices((indices, u))
 
     def load_example(index, u):
       example = source.lookup(index)
-      image = tf.image.convert_image_dtype(example['image'], tf.float32)
-      crop = augment.random_resized_crop_from_uniforms(image, u[:_FLIP], image_size, crop_scale)
-      return crop, u, example['label']
+      crop = augment.random_resized_crop(example['image'], u[:_FLIP], image_size, crop_scale)
+      return {'image': flip(crop, u[_FLIP]), 'label': tf.cast(example['label'], tf.int32)}
 
     ds = steps.flat_map(explode)
     ds = ds.map(load_example, num_parallel_calls=num_parallel_calls, deterministic=True)
     ds = ds.batch(b, drop_remainder=True)
-    ds = ds.map(finish, num_parallel_calls=num_parallel_calls, deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def train_batches(source: Source, *, sharding, mean, std, **kw):
+  """`train_dataset` as global device batches with the image normalised on the devices."""
+  return pipeline.device_batches(train_dataset(source, **kw), sharding, functools.partial(
+      photometric.images, mean=tuple(mean), std=tuple(std)))
 
 
 class LinearClassifier(nn.Module):

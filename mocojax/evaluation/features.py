@@ -41,7 +41,7 @@ def split_features(feature_fn, variables, source, *, data_config, batch_size: in
     from mocojax import parallel  # the data pipeline (TensorFlow) only where features are made
     from mocojax.data import pipeline
     d = data_config
-    ds = pipeline.eval_dataset(source, global_batch=batch_size, image_size=d.image_size,
-                               mean=d.mean, std=d.std)
-    batches = pipeline.device_batches(ds, parallel.batch_sharding(mesh))
+    batches = pipeline.eval_batches(source, sharding=parallel.batch_sharding(mesh),
+                                    global_batch=batch_size, image_size=d.image_size,
+                                    mean=d.mean, std=d.std)
     return extract_features(feature_fn, variables, batches, mesh=mesh)

@@ -225,10 +225,10 @@ def run(encoder_path: str, config, workdir: str, *, train_source: Optional[Sourc
       in_shardings=(replicated, data_sharding), out_shardings=replicated)
 
   def evaluate(state):
-    ds = pipeline.eval_dataset(eval_source, global_batch=config.eval_batch_size,
-                               image_size=size, mean=mean, std=std)
     correct = 0
-    for batch in pipeline.device_batches(ds, data_sharding):
+    for batch in pipeline.eval_batches(eval_source, sharding=data_sharding,
+                                       global_batch=config.eval_batch_size, image_size=size,
+                                       mean=mean, std=std):
       correct = correct + count(state, batch)
     return float(jax.device_get(correct)) / eval_source.num_examples
 
@@ -242,10 +242,10 @@ def run(encoder_path: str, config, workdir: str, *, train_source: Optional[Sourc
       with open(metrics_log, 'a') as f:
         f.write(json.dumps({'step': step, **{k: float(v) for k, v in scalars.items()}}) + '\n')
 
-  ds = classification.train_dataset(train_source, global_batch=config.batch_size,
-                                    seed=config.seed, start_step=start_step, image_size=size,
-                                    mean=mean, std=std, crop_scale=config.crop_scale)
-  batches = pipeline.device_batches(ds, data_sharding)
+  batches = classification.train_batches(train_source, sharding=data_sharding,
+                                         global_batch=config.batch_size, seed=config.seed,
+                                         start_step=start_step, image_size=size, mean=mean,
+                                         std=std, crop_scale=config.crop_scale)
   stop_at = min(total, config.get('stop_after_steps') or total)
   eval_every = int(round(config.eval_every_epochs * spe)) if config.eval_every_epochs else 0
   logging.info('Fine-tuning %s: %d steps (%d/epoch), %d classes, image size %d.', encoder_path,

@@ -324,18 +324,17 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
         in_shardings=(replicated, replicated, data_sharding), out_shardings=replicated)
 
     def evaluate(state):
-      ds = pipeline.eval_dataset(eval_source, global_batch=settings.eval_batch_size,
-                                 image_size=d.image_size, mean=d.mean, std=d.std)
       total = 0
-      for batch in pipeline.device_batches(ds, data_sharding):
+      for batch in pipeline.eval_batches(eval_source, sharding=data_sharding,
+                                         global_batch=settings.eval_batch_size,
+                                         image_size=d.image_size, mean=d.mean, std=d.std):
         total = total + count(state, backbone.variables, batch)
       return np.asarray(jax.device_get(total))
 
-    ds = classification.train_dataset(
-        train_source, global_batch=settings.batch_size, seed=settings.seed,
-        start_step=start_step, image_size=d.image_size, mean=d.mean, std=d.std,
-        crop_scale=settings.crop_scale)
-    batches = pipeline.device_batches(ds, data_sharding)
+    batches = classification.train_batches(
+        train_source, sharding=data_sharding, global_batch=settings.batch_size,
+        seed=settings.seed, start_step=start_step, image_size=d.image_size, mean=d.mean,
+        std=d.std, crop_scale=settings.crop_scale)
     pending = []
     stop_at = min(total_steps, settings.get('stop_after_steps') or total_steps)
     for step in range(start_step + 1, stop_at + 1):

@@ -55,10 +55,11 @@ def test_knn_command_matches_brute_force(pretraining_run, tmp_path):
   feats = {}
   for split in ('train', 'test'):
     source = sources.get_source(d, split)
-    ds = pipeline.eval_dataset(source, global_batch=16, image_size=d.image_size, mean=d.mean,
-                               std=d.std, process_index=0, process_count=1)
+    ds = pipeline.eval_dataset(source, global_batch=16, image_size=d.image_size,
+                               process_index=0, process_count=1)
     rows = [b for b in ds.as_numpy_iterator()]
-    images = np.concatenate([b['image'] for b in rows])[:source.num_examples]
+    pixels = np.concatenate([b['image'] for b in rows])[:source.num_examples] / 255.0
+    images = (pixels - np.asarray(d.mean)) / np.asarray(d.std)
     labels = np.concatenate([b['label'] for b in rows])[:source.num_examples]
     feats[split] = (np.asarray(jax.jit(backbone.features)(backbone.variables, images)), labels)
   (bank, bank_labels), (queries, query_labels) = feats['train'], feats['test']
