@@ -1,18 +1,32 @@
-r"""Input-pipeline throughput, and whether it feeds the train step fast enough.
+r"""Input-pipeline throughput: the host half, the device half and both together, per core.
 
   python bench/input_pipeline.py                      # JPEG 224 px and Fashion-MNIST 28 px
-  python bench/input_pipeline.py --step_models=       # pipeline only, skip the step timing
+  python bench/input_pipeline.py --sources=jpeg224 --profile   # + where the time goes
+  python bench/input_pipeline.py --sources=jpeg224 --train_steps=6   # + the real trainer on it
 
-Measures two-view `mocov3` batches per second out of `pipeline.train_dataset` exactly as the
-trainer builds it (stateless per-step augmentation, batched ops, AUTOTUNE), iterated as numpy
-on the host (no device transfer), after a warm-up:
-  * `jpeg224`: an image folder of JPEG files (ImageNet-like sizes, decoded on every read,
-    random-resized-crop to 224, full mocov3 augmentation), written to a temporary directory;
+The two-view `mocov3` stream is built exactly as the trainer builds it:
+  * host: `pipeline.train_dataset` (read, decode once, two random resized crops, uint8), iterated
+    as numpy;
+  * device: `photometric.two_views` (jitter, grayscale, blur, solarize, flip, normalise) on a
+    batch already on the device, in the schedule the backend gets (image by image on CPUs);
+  * end to end: `pipeline.train_batches`, both halves as the trainer runs them, each batch
+    waited for. On a CPU-only machine the "device" is the same CPU, so this figure counts the
+    device half honestly on the same cores; it is the figure to compare with a CPU loader.
+Sources:
+  * `jpeg224`: an image folder of JPEG files (ImageNet-like sizes, 300-500 px, decoded on every
+    read, cropped to 224 with scale (0.08, 1)), written to a temporary directory;
   * `fmnist28`: the Fashion-MNIST IDX files, in memory, 28 px.
-Images/s counts two-view samples; "per core" divides by the cores the process may use, since
-tf.data spreads the work over all of them. The train step's images/s on the same machine
-(bench/train_step.py's measurement: ViT-S/16 at 224 and the demo model) gives the ratio
-pipeline / step: above 1 the host feeds faster than the step consumes.
+Images/s counts two-view samples; "per core" divides by the cores the process may use.
+
+--profile splits the JPEG stream into stages (each measured on its own, same tf.data
+parallelism): read + decode, crop windows, resize per view, and each device-side op.
+--train_steps runs `train.train_and_evaluate` (ViT-S/16, batch --e2e_batch) on the JPEG folder
+and reports its images/s and `input_wait_fraction` (the share of wall time the loop waited for
+input while the device ran the previous step).
+The projection for an accelerator host divides a step rate by the host half's per-core rate:
+there the device half runs on the accelerator, at the FLOP and byte cost printed.
+
+For the PyTorch reference loader on the same files, see bench/reference_loader.py.
 """
 
 import os
@@ -23,17 +37,26 @@ import time
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train_step as step_bench  # noqa: E402  bench/train_step.py; its flags (--batch) apply
+import train_step as step_bench  # noqa: E402  bench/train_step.py: configs and analytic FLOPs
 
 _SOURCES = flags.DEFINE_list('sources', ['jpeg224', 'fmnist28'], 'jpeg224, fmnist28')
 _JPEG_BATCH = flags.DEFINE_integer('jpeg_batch', 64, 'Global batch for jpeg224.')
 _JPEG_FILES = flags.DEFINE_integer('jpeg_files', 512, 'JPEG files written for jpeg224.')
-_SECONDS = flags.DEFINE_float('seconds', 20.0, 'Timed seconds per source (after warm-up).')
-_STEP_MODELS = flags.DEFINE_list('step_models', ['vit_small', 'demo'],
-                                 'Models whose train step to time for the ratio (may be empty).')
+_JPEG_DIR = flags.DEFINE_string('jpeg_dir', None, 'Use (or write) the JPEG folder here.')
+_SECONDS = flags.DEFINE_float('seconds', 20.0, 'Timed seconds per measurement (after warm-up).')
+_PROFILE = flags.DEFINE_bool('profile', False, 'Per-stage breakdown of the jpeg224 stream.')
+_TRAIN_STEPS = flags.DEFINE_integer('train_steps', 0, 'Trainer steps on the JPEG folder (0: '
+                                    'skip).')
+_E2E_BATCH = flags.DEFINE_integer('e2e_batch', 16, 'Global batch of the trainer run.')
 _FMNIST = flags.DEFINE_string('fmnist_dir', '/usr/share/datasets/fashion-mnist', 'IDX files.')
+
+# Step rates of the MoCo v3 step on one H200 (bf16, batch 256; bench/RESULTS.md, 2026-11-30),
+# and the step-speed issue's goals, for the projection.
+H200_STEP_RATES = {'ViT-S/16 measured': 1836, 'ViT-B/16 measured': 958,
+                   'ViT-S/16 goal': 4000, 'ViT-B/16 goal': 1700}
 
 
 def write_jpeg_folder(root: str, n: int, seed: int = 0) -> str:
@@ -52,75 +75,229 @@ def write_jpeg_folder(root: str, n: int, seed: int = 0) -> str:
   return root
 
 
-def time_dataset(ds, seconds: float, batch: int) -> float:
-  it = ds.as_numpy_iterator()
-  for _ in range(3):  # warm-up: threads, AUTOTUNE
-    next(it)
+def _rate(batches, batch: int, seconds: float, block=lambda x: x) -> float:
+  for _ in range(3):  # warm-up: threads, AUTOTUNE, compilation
+    block(next(batches))
   n, t0 = 0, time.perf_counter()
   while time.perf_counter() - t0 < seconds:
-    next(it)
-    n += 1
-  return n * batch / (time.perf_counter() - t0)
+    block(next(batches))
+    n += batch
+  return n / (time.perf_counter() - t0)
 
 
-def pipeline_rate(name: str) -> dict:
+def _source(name: str):
   import ml_collections
   from configs import common
-  from mocojax.data import pipeline, sources
-
+  from mocojax.data import sources
   if name == 'jpeg224':
-    root = write_jpeg_folder(tempfile.mkdtemp(prefix='mocojax_jpeg_'), _JPEG_FILES.value)
+    root = _JPEG_DIR.value or tempfile.mkdtemp(prefix='mocojax_jpeg_')
+    if not os.path.isdir(os.path.join(root, 'class0')):
+      write_jpeg_folder(root, _JPEG_FILES.value)
     dc = ml_collections.ConfigDict(dict(source='folder', data_dir=root, name='jpeg',
                                         train_split='train', eval_split='val', channels=3))
-    src = sources.get_source(dc, 'train')
     kw = dict(image_size=224, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD,
               crop_scale=(0.08, 1.0))
-    batch = _JPEG_BATCH.value
-  elif name == 'fmnist28':
-    dc = ml_collections.ConfigDict(dict(source='idx', data_dir=_FMNIST.value, name='fashion_mnist',
-                                        train_split='train', eval_split='test'))
-    src = sources.get_source(dc, 'train')
+    return sources.get_source(dc, 'train'), kw, _JPEG_BATCH.value, root
+  if name == 'fmnist28':
+    dc = ml_collections.ConfigDict(dict(source='idx', data_dir=_FMNIST.value,
+                                        name='fashion_mnist', train_split='train',
+                                        eval_split='test'))
     kw = dict(image_size=28, mean=(0.2860,), std=(0.3530,), crop_scale=(0.2, 1.0))
-    batch = 256
-  else:
-    raise app.UsageError(f'--sources: unknown {name!r}; use jpeg224 or fmnist28.')
-  ds = pipeline.train_dataset(src, global_batch=batch, seed=0, start_step=0, recipe='mocov3',
-                              process_index=0, process_count=1, **kw)
-  rate = time_dataset(ds, _SECONDS.value, batch)
-  return dict(name=name, batch=batch, images_s=rate)
+    return sources.get_source(dc, 'train'), kw, 256, None
+  raise app.UsageError(f'--sources: unknown {name!r}; use jpeg224 or fmnist28.')
+
+
+def measure(name: str) -> dict:
+  """Host half, device half and end to end of one source, in two-view images/s."""
+  import functools
+  import jax
+  from mocojax import parallel
+  from mocojax.data import photometric, pipeline, recipes
+
+  src, kw, batch, root = _source(name)
+  sharding = parallel.batch_sharding(parallel.make_mesh())
+  common = dict(global_batch=batch, seed=0, start_step=0, process_index=0, process_count=1)
+  host = pipeline.train_dataset(src, image_size=kw['image_size'], crop_scale=kw['crop_scale'],
+                                **common)
+  host_rate = _rate(host.as_numpy_iterator(), batch, _SECONDS.value)
+
+  # The device half on one batch already on the device (re-run on the same input).
+  sample = next(host.as_numpy_iterator())
+  sample = jax.device_put(sample, sharding)
+  finish = photometric.per_shard(functools.partial(
+      photometric.two_views, specs=recipes.view_specs('mocov3', kw['crop_scale']), seed=0,
+      mean=tuple(kw['mean']), std=tuple(kw['std'])), sharding)
+  device_rate = _rate(iter(lambda: finish(sample), None), batch, _SECONDS.value / 2,
+                      jax.block_until_ready)
+
+  both = pipeline.train_batches(src, sharding=sharding, mean=kw['mean'], std=kw['std'],
+                                image_size=kw['image_size'], crop_scale=kw['crop_scale'],
+                                **common)
+  e2e_rate = _rate(both, batch, _SECONDS.value, jax.block_until_ready)
+  return dict(name=name, batch=batch, host=host_rate, device=device_rate, e2e=e2e_rate,
+              root=root, sample=sample, finish=finish)
+
+
+def device_cost(r: dict) -> dict:
+  """FLOPs and bytes of the device half per image, from XLA's cost analysis of the vmapped
+  (accelerator) schedule, against the analytic FLOPs of a ViT train step per image."""
+  import functools
+  import jax
+  from configs import common
+  from mocojax.data import photometric, recipes
+  fn = jax.jit(functools.partial(photometric.two_views, specs=recipes.view_specs('mocov3'),
+                                 seed=0, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD,
+                                 per_image=False))
+  cost = fn.lower(r['sample']).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out = dict(flops=cost.get('flops', 0.0) / r['batch'],
+             bytes=cost.get('bytes accessed', 0.0) / r['batch'])
+  for model in ('mocov3_vit_small', 'mocov3_vit_base'):
+    config = step_bench.load_config(model, 256, 'float32')
+    out[model] = step_bench.analytic_flops(config, 3)['per_image_step']
+  return out
+
+
+def profile(root: str) -> list:
+  """(stage, core-ms per two-view image) of the JPEG stream, each stage measured alone."""
+  import dataclasses
+  import glob
+  import jax
+  import tensorflow as tf
+  from mocojax.data import augment, photometric, recipes
+
+  cores = len(os.sched_getaffinity(0))
+  files = tf.constant(sorted(glob.glob(os.path.join(root, '*', '*.jpg'))))
+  n_files = int(files.shape[0])
+  seconds = max(4.0, _SECONDS.value / 4)
+
+  def tf_stage(fn):
+    ds = tf.data.Dataset.range(1 << 40).map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(64).prefetch(4)
+    return cores * 1e3 / _rate(ds.as_numpy_iterator(), 64, seconds)
+
+  def decode(i):
+    return tf.io.decode_jpeg(tf.io.read_file(files[i % n_files]), channels=3)
+
+  def uniforms(i):
+    return tf.random.stateless_uniform([2, augment.CROP_UNIFORMS],
+                                       tf.stack([tf.cast(i, tf.int32), 7]))
+
+  def windows(i):
+    image, u = decode(i), uniforms(i)
+    shape = tf.shape(image)
+    return tf.stack(augment.crop_window_batch(u, shape[0], shape[1]))
+
+  def crops(i):
+    image, u = decode(i), uniforms(i)
+    return tf.stack([augment.random_resized_crop(image, u[v], 224) for v in range(2)])
+
+  rows = [('read + decode', tf_stage(lambda i: decode(i)[:1, :1]))]
+  rows.append(('crop windows (2 views)', tf_stage(windows) - rows[0][1]))
+  rows.append(('resize to 224, uint8 (2 views)', tf_stage(crops) - rows[0][1] - rows[1][1]))
+
+  # Device ops, one view's spec with a single op switched on, image by image as on CPUs.
+  rng = np.random.default_rng(0)
+  images = jax.device_put(rng.integers(0, 256, (64, 224, 224, 3), np.uint8))
+  u = jax.device_put(rng.uniform(size=(64, photometric.VIEW_UNIFORMS)).astype(np.float32))
+  off = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, flip=False)
+  base = recipes.view_specs('mocov3')[0]
+
+  def device_ms(spec):
+    def one(image, u):
+      x = photometric.normalize(photometric.finish_view(image, u, spec), (0.5,) * 3, (0.2,) * 3)
+      return x.transpose(1, 2, 0)
+    fn = jax.jit(lambda i, u: photometric.over_batch(one, (i, u)))
+    return cores * 1e3 / _rate(iter(lambda: fn(images, u), None), 64, seconds / 2,
+                               jax.block_until_ready)
+
+  floor = device_ms(dataclasses.replace(base, **off))
+  rows.append(('device: uint8 -> float, layout, normalise (per view)', floor))
+  for label, change in (('colour jitter, applied (per view)', dict(jitter_p=1.0)),
+                        ('grayscale, applied (per view)', dict(grayscale_p=1.0)),
+                        ('Gaussian blur, applied (per view)', dict(blur_p=1.0)),
+                        ('solarize, applied (per view)', dict(solarize_p=1.0)),
+                        ('flip (p 1/2, per view)', dict(flip=True))):
+    rows.append((f'device: {label}',
+                 device_ms(dataclasses.replace(base, **dict(off, **change))) - floor))
+  for v, spec in enumerate(recipes.view_specs('mocov3')):
+    rows.append((f'device: mocov3 view {v + 1}, all ops at their rates', device_ms(spec)))
+  return rows
+
+
+def trainer_run(root: str) -> dict:
+  """The real trainer on the JPEG folder: images/s and the input-wait share of its last log."""
+  import json
+  from configs import mocov3_vit_small
+  from mocojax import train
+  config = mocov3_vit_small.get_config()
+  config.data.source, config.data.name, config.data.data_dir = 'folder', 'jpeg', root
+  config.data.train_split = config.data.eval_split = 'train'
+  config.batch_size = _E2E_BATCH.value
+  config.stop_after_steps = _TRAIN_STEPS.value
+  config.log_every_steps = max(1, _TRAIN_STEPS.value // 2)
+  config.eval.knn_every_epochs, config.eval.knn_at_end = 0, False
+  config.online_probe.enabled = False
+  config.plot = False
+  workdir = tempfile.mkdtemp(prefix='mocojax_e2e_')
+  train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    last = [json.loads(line) for line in f][-1]
+  return dict(images_s=last['images_per_sec'], wait=last['input_wait_fraction'],
+              batch=config.batch_size, steps=_TRAIN_STEPS.value)
 
 
 def main(argv):
   del argv
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
+  import jax
   cores = len(os.sched_getaffinity(0))
-  print(f'{cores} cores available to this process')
+  print(f'{cores} cores available to this process; jax backend {jax.default_backend()}')
   rows = []
   for name in _SOURCES.value:
-    r = pipeline_rate(name)
-    r['per_core'] = r['images_s'] / cores
-    print(f'pipeline {name}: {r["images_s"]:,.1f} two-view images/s '
-          f'({r["per_core"]:,.1f} per core), global batch {r["batch"]}', flush=True)
+    r = measure(name)
     rows.append(r)
+    print(f'{name}: host half {r["host"]:,.1f}, device half {r["device"]:,.1f}, end to end '
+          f'{r["e2e"]:,.1f} two-view images/s ({r["e2e"] / cores:,.1f} per core), batch '
+          f'{r["batch"]}', flush=True)
 
-  steps = {}
-  if _STEP_MODELS.value:
-    flags.FLAGS.steps, flags.FLAGS.warmup = 3, 1
-    for model in _STEP_MODELS.value:
-      steps[model] = step_bench.measure(model)['images_s']
-
-  pairs = {'jpeg224': 'vit_small', 'fmnist28': 'demo'}
-  print('\n| pipeline | images/s | per core | train step (same machine) | step images/s | '
-        'pipeline / step |')
-  print('|---|---|---|---|---|---|')
+  print('\n| source | host half, img/s per core | device half, img/s per core | end to end, '
+        'img/s | end to end, per core |')
+  print('|---|---|---|---|---|')
   for r in rows:
-    model = pairs[r['name']]
-    s = steps.get(model)
-    ratio = f'{r["images_s"] / s:,.1f}x' if s else 'n/a'
-    step = f'{s:,.2f}' if s else 'not timed'
-    print(f'| {r["name"]} | {r["images_s"]:,.1f} | {r["per_core"]:,.1f} | {model} | {step} | '
-          f'{ratio} |')
+    print(f'| {r["name"]} | {r["host"] / cores:,.1f} | {r["device"] / cores:,.1f} | '
+          f'{r["e2e"]:,.1f} | **{r["e2e"] / cores:,.1f}** |')
+
+  jpeg = next((r for r in rows if r['name'] == 'jpeg224'), None)
+  if jpeg is not None:
+    cost = device_cost(jpeg)
+    print(f'\nDevice half per two-view image (XLA cost analysis, vmapped schedule): '
+          f'{cost["flops"] / 1e6:,.1f} MFLOP, {cost["bytes"] / 1e6:,.1f} MB accessed; '
+          f'{cost["flops"] / cost["mocov3_vit_small"]:.1e} of a ViT-S/16 step\'s FLOPs per '
+          f'image ({cost["mocov3_vit_small"] / 1e9:,.0f} GFLOP), '
+          f'{cost["flops"] / cost["mocov3_vit_base"]:.1e} of ViT-B/16\'s '
+          f'({cost["mocov3_vit_base"] / 1e9:,.0f} GFLOP). Host to device: '
+          f'{2 * 224 * 224 * 3 / 1e3:,.0f} kB (uint8) instead of {8 * 224 * 224 * 3 / 1e3:,.0f}'
+          f' kB (float32) per image.')
+    per_core = jpeg['host'] / cores
+    print(f'\nAccelerator host, device half on the accelerator: host cores needed at '
+          f'{per_core:,.1f} two-view images/s per core (this machine\'s host half):')
+    print('| step | images/s | host cores |')
+    print('|---|---|---|')
+    for label, step_rate in H200_STEP_RATES.items():
+      print(f'| H200 {label} | {step_rate:,} | {step_rate / per_core:,.1f} |')
+
+    if _PROFILE.value:
+      print('\n| stage (jpeg224, mocov3) | core-ms per two-view image |')
+      print('|---|---|')
+      for stage, ms in profile(jpeg['root']):
+        print(f'| {stage} | {ms:.2f} |')
+
+    if _TRAIN_STEPS.value:
+      t = trainer_run(jpeg['root'])
+      print(f'\nTrainer (ViT-S/16, batch {t["batch"]}, {t["steps"]} steps) on the JPEG folder: '
+            f'{t["images_s"]:,.2f} images/s, input wait {100 * t["wait"]:.1f}% of wall time.')
 
 
 if __name__ == '__main__':

@@ -268,6 +268,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   metrics_log = os.path.join(workdir, 'metrics.jsonl')
   pending, last, summary = [], None, {}
   t_log, step_log = time.time(), start_step
+  input_wait = 0.0  # seconds the loop spent blocked on the input since the last log
 
   def write(step, scalars):
     writer.write_scalars(step, scalars)
@@ -278,7 +279,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with metric_writers.ensure_flushes(writer):
     for step in range(start_step + 1, stop_at + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        t_wait = time.time()
         batch = next(batches)
+        input_wait += time.time() - t_wait
         state, metrics = train_step_jit(state, batch)
       pending.append(metrics)
       # Check the previous step's loss: the host stays one step behind the device.
@@ -293,10 +296,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         dt = time.time() - t_log
         scalars['images_per_sec'] = (step - step_log) * config.batch_size / max(dt, 1e-9)
+        # Share of the wall time the loop waited for input while the device ran the previous
+        # step: an upper bound on the time the device sat idle for want of data.
+        scalars['input_wait_fraction'] = input_wait / max(dt, 1e-9)
         scalars['epoch'] = step / steps_per_epoch
         write(step, scalars)
         summary.update(scalars)
-        pending, t_log, step_log = [], time.time(), step
+        pending, t_log, step_log, input_wait = [], time.time(), step, 0.0
 
       if step == stop_at or step % config.checkpoint_every_steps == 0:
         _check_finite(metrics['loss'], step, checkpointer)  # never save a diverged state
@@ -311,7 +317,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         logging.info('step %d: %s (%.1fs)', step, scalars, time.time() - t0)
         write(step, scalars)
         summary.update(scalars)
-        t_log = time.time()  # evaluation time does not count against images/s
+        t_log, input_wait = time.time(), 0.0  # evaluation time does not count against images/s
 
   checkpointer.close()
   if primary and config.get('plot', True):

@@ -230,3 +230,50 @@ def test_missing_tfds_dataset_raises_a_helpful_error(tmp_path):
     sources.get_source(config, 'train')
   assert 'tfds build mnist' in str(err.value)
   assert str(tmp_path) in str(err.value)
+
+
+def test_tfds_jpeg_dataset_feeds_the_two_view_stream(tmp_path):
+  """The ImageNet route: a TFDS dataset of variable-size JPEGs in array_record, read with
+  random access, decoded once per example, both views cropped from it on the host."""
+  import tensorflow_datasets as tfds
+  from mocojax.data import augment
+
+  class MocojaxTinyJpegs(tfds.core.GeneratorBasedBuilder):
+    """6 random JPEGs of 20-40 px; the label is index % 2."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict({
+              'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+              'label': tfds.features.ClassLabel(num_classes=2)}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples(6)}
+
+    def _generate_examples(self, n):
+      rng = np.random.default_rng(0)
+      for i in range(n):
+        h, w = rng.integers(20, 40, 2)
+        yield i, {'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 'label': i % 2}
+
+  builder = MocojaxTinyJpegs(data_dir=str(tmp_path), file_format='array_record')
+  builder.download_and_prepare()
+  source = sources.get_source(
+      _config(source='tfds', name=builder.name, data_dir=str(tmp_path)), 'train')
+  assert source.image_shape == (None, None, 3) and not source.batched_lookup
+  (batch,) = [b for b, _ in zip(pipeline.train_dataset(
+      source, global_batch=6, seed=0, start_step=0, image_size=16, process_index=0,
+      process_count=1).as_numpy_iterator(), range(1))]
+  assert batch['view1'].shape == (6, 16, 16, 3) and batch['view1'].dtype == np.uint8
+  # Each view is the crop of the stored JPEG decoded once, at the step's uniforms.
+  reference = builder.as_data_source(split='train',
+                                     decoders={'image': tfds.decode.SkipDecoding()})
+  order = pipeline.epoch_permutation(6, 0, 0).numpy()
+  u = pipeline.step_uniforms(0, 0, 6, 0, 6).numpy()
+  for row, index in enumerate(order):
+    image = tf.io.decode_jpeg(reference[int(index)]['image'], channels=3)
+    for v in range(2):
+      want = augment.random_resized_crop(image, u[row, v], 16).numpy()
+      np.testing.assert_array_equal(batch[f'view{v + 1}'][row], want)
+    assert batch['label'][row] == reference[int(index)]['label']
