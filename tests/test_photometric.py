@@ -2,12 +2,10 @@
 (image by image, real branches) equal to the accelerator one (vmapped, selects)."""
 
 import colorsys
-import dataclasses
 import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -164,7 +164,6 @@ def test_eval_passes_through_native_size_and_crops_larger():
 
 
 def test_eval_batches_normalise_on_the_device():
-  import jax
   from mocojax import parallel
   source = _indexed_source(n=8, hw=SIZE)
   sharding = parallel.batch_sharding(parallel.make_mesh())

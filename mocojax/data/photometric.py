@@ -21,8 +21,7 @@ a batch runs either
 Both schedules compute the same numbers (tested). Single-channel images (Fashion-MNIST) are
 supported: saturation, hue and grayscale have no meaning there and are no-ops.
 
-This module imports neither TensorFlow nor clu, so the step and its benchmark run on machines
-that have only jax.
+This module imports neither TensorFlow nor clu: it runs on machines that have only jax.
 """
 
 from __future__ import annotations
