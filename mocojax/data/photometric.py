@@ -173,10 +173,12 @@ def random_flip(x, u):
   return _select(u[0] < 0.5, lambda y: y[..., ::-1], x)
 
 
-def normalize(x, mean: Sequence[float], std: Sequence[float]):
-  """(x - mean) / std per channel of [C, H, W]."""
-  mean = jnp.reshape(jnp.asarray(mean, jnp.float32), (-1, 1, 1))
-  std = jnp.reshape(jnp.asarray(std, jnp.float32), (-1, 1, 1))
+def normalize(x, mean: Sequence[float], std: Sequence[float], channel_axis: int = -3):
+  """(x - mean) / std per channel; channels on `channel_axis` (planar [C, H, W] by default)."""
+  shape = [1] * (-channel_axis)
+  shape[0] = -1
+  mean = jnp.reshape(jnp.asarray(mean, jnp.float32), shape)
+  std = jnp.reshape(jnp.asarray(std, jnp.float32), shape)
   return (x - mean) / std
 
 
@@ -282,4 +284,4 @@ def two_views(batch, *, specs, seed: int, mean, std, per_image: bool | None = No
 def images(batch, *, mean, std):
   """{'image' uint8 [B, S, S, C], ...} -> the same with the image normalised float32."""
   x = batch['image'].astype(jnp.float32) / 255.0
-  return dict(batch, image=(x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32))
+  return dict(batch, image=normalize(x, mean, std, channel_axis=-1))
