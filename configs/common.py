@@ -58,6 +58,11 @@ def mocov3_vit(variant: str = 'base', patch_size: int = 16) -> ml_collections.Co
   # A linear classifier on stop-gradient features, trained alongside (needs labels).
   c.online_probe = ml_collections.ConfigDict(dict(enabled=True, lr=1e-3, weight_decay=0.0))
 
+  # The run stops, saving nothing, when one step's update is larger than max_update_ratio x the
+  # parameter norm, or the parameter norm grows past max_param_norm_growth x its value at step
+  # 0 (a NaN or inf in the loss or a gradient always stops it); 0 turns a guard off.
+  c.divergence = ml_collections.ConfigDict(dict(max_update_ratio=1.0, max_param_norm_growth=10.0))
+
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3

@@ -10,9 +10,10 @@ parameters and their optimizer state split over 'fsdp' when the mesh has that ax
 state's buffers donated.
 """
 
+import contextlib
 import functools
-import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -26,10 +27,14 @@ from clu import metric_writers, periodic_actions
 
 from mocojax import checkpoint as ckpt_lib
 from mocojax import methods
+from mocojax import metrics_log as metrics_log_lib
 from mocojax import momentum as momentum_lib
 from mocojax import optim
 from mocojax import parallel
 from mocojax import models
+from mocojax import preemption
+from mocojax import validate
+from mocojax import workdir_lock
 from mocojax.data import pipeline, sources
 from mocojax.evaluation import features as features_lib
 from mocojax.evaluation import knn as knn_lib
@@ -49,21 +54,23 @@ class TrainState:
   probe: Any = None               # online linear probe {'params', 'opt_state'}, or None
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
+class DivergenceError(FloatingPointError):
+  """The loss, a gradient or the parameters left their bounds; the state was not saved."""
 
 
 # ----------------------------------------------------------------------------------------------
 # The step.
 # ----------------------------------------------------------------------------------------------
 def _max_abs_under(tree, prefix: str):
+  """Infinity-norm of the leaves at or under `prefix`; NaN (or inf) if any of them has one."""
+  prefix = prefix.rstrip('/')
   leaves = [jnp.max(jnp.abs(x)) for path, x in jax.tree_util.tree_leaves_with_path(tree)
-            if optim._path_name(path).startswith(prefix)]
+            if (name := optim._path_name(path)) == prefix or name.startswith(prefix + '/')]
   return jnp.max(jnp.stack(leaves)) if leaves else jnp.float32(jnp.nan)
 
 
 def train_step(state: TrainState, batch, *, method, tx, lr_schedule, momentum_schedule,
-               grad_probes: dict, probe_tx=None):
+               grad_probes: dict, layer_groups: tuple = (), probe_tx=None):
   """One MoCo step. Pure: (state, batch) -> (state, metrics)."""
   # The reference updates the key encoder at the start of each forward pass, so the keys of
   # step t come from the encoder averaged with the base parameters of step t-1.
@@ -84,6 +91,10 @@ def train_step(state: TrainState, batch, *, method, tx, lr_schedule, momentum_sc
   # The v3 paper's Fig. 5 signals: the infinity-norm of first-layer and last-block gradients.
   for name, prefix in grad_probes.items():
     metrics[f'grad_max/{name}'] = _max_abs_under(grads, prefix)
+  # ... and of every layer group, input to output: one vector, so that the host's per-step
+  # divergence check fetches one array (and names the first layer that went non-finite).
+  if layer_groups:
+    metrics['grad_inf'] = jnp.stack([_max_abs_under(grads, g) for g in layer_groups])
   probe = state.probe
   if probe is not None:
     probe, probe_metrics = online_probe.update(probe, aux['features'], batch['label'], probe_tx)
@@ -131,6 +142,7 @@ def build(config, steps_per_epoch: int, channels: int, num_classes: int = 0):
     probe_tx = online_probe.optimizer(config.online_probe)
   step_fn = functools.partial(train_step, method=method, tx=tx, lr_schedule=lr,
                               momentum_schedule=m, grad_probes=models.grad_probes(config.model),
+                              layer_groups=tuple(models.layer_groups(abstract_params)),
                               probe_tx=probe_tx)
   init_fn = functools.partial(init_state, method=method, tx=tx, probe_tx=probe_tx,
                               num_classes=num_classes)
@@ -138,17 +150,8 @@ def build(config, steps_per_epoch: int, channels: int, num_classes: int = 0):
 
 
 def check_config(config):
-  """Cheap checks that fail with a clear message before any data is read or code compiled."""
-  parallel.check_batch_size(config.batch_size)
-  if config.method not in methods.METHODS:
-    raise ValueError(f'config.method={config.method!r} is unknown; use one of {methods.METHODS}.')
-  if config.model.name not in models.BACKBONES:
-    raise ValueError(f'model.name={config.model.name!r} is not a known backbone; '
-                     f'use one of {models.BACKBONES}.')
-  if config.optimizer.name not in optim.OPTIMIZERS:
-    raise ValueError(f'optimizer.name={config.optimizer.name!r} is unknown; '
-                     f'use one of {optim.OPTIMIZERS}.')
-  methods.check_config(config)  # e.g. the v1/v2 queue size against the batch
+  """Every bad setting at once, one line each, before any data is read or code compiled."""
+  validate.check(config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,24 +176,66 @@ def knn_evaluator(config, method, mesh, train_source, eval_source):
   return run
 
 
-def _check_finite(loss, step, checkpointer):
-  value = float(jax.device_get(loss))
-  if not np.isfinite(value):
-    raise NonFiniteLossError(
-        f'Loss became {value} at step {step}. Lower optimizer.base_lr or raise warmup_epochs; '
-        f'the last good checkpoint is in {checkpointer.directory}.')
+def check_divergence(values: dict, step: int, *, layer_groups, guard, start_param_norm: float,
+                     checkpoint_dir) -> None:
+  """Raises DivergenceError if step `step` left the run's bounds; `values` are host metrics.
+
+  Bounds: a finite loss and finite gradients (the first non-finite layer group is named); an
+  update no larger than `guard.max_update_ratio` x the parameter norm; a parameter norm within
+  `guard.max_param_norm_growth` x its value at step 0. 0 turns a guard off.
+  """
+  problems = []
+  if not np.isfinite(values['loss']):
+    problems.append(f'the loss is {values["loss"]}')
+  grad_inf = values.get('grad_inf')
+  if grad_inf is not None and not np.all(np.isfinite(grad_inf)):
+    bad = [g for g, v in zip(layer_groups, grad_inf) if not np.isfinite(v)]
+    problems.append(f'gradients are non-finite from {bad[0]} on ({len(bad)} of '
+                    f'{len(layer_groups)} layer groups)')
+  param_norm, update_norm = float(values['param_norm']), float(values['update_norm'])
+  if not (np.isfinite(param_norm) and np.isfinite(update_norm)):
+    problems.append(f'the parameter norm is {param_norm}, the update norm {update_norm}')
+  elif guard.max_update_ratio and update_norm > guard.max_update_ratio * param_norm:
+    problems.append(f'the update norm {update_norm:.3g} exceeds divergence.max_update_ratio='
+                    f'{guard.max_update_ratio:g} x the parameter norm {param_norm:.3g}')
+  elif guard.max_param_norm_growth and param_norm > guard.max_param_norm_growth * start_param_norm:
+    problems.append(f'the parameter norm {param_norm:.3g} exceeds divergence.max_param_norm_growth'
+                    f'={guard.max_param_norm_growth:g} x its value at step 0 '
+                    f'({start_param_norm:.3g})')
+  if problems:
+    largest = ''
+    if grad_inf is not None and np.all(np.isfinite(grad_inf)) and len(layer_groups):
+      i = int(np.argmax(grad_inf))
+      largest = f' The largest gradient is in {layer_groups[i]} ({grad_inf[i]:.3g}).'
+    raise DivergenceError(
+        f'Step {step} diverged: {"; ".join(problems)}.{largest} Nothing from it was saved. Lower '
+        f'optimizer.base_lr, raise warmup_epochs, or loosen config.divergence; the last good '
+        f'checkpoint is in {checkpoint_dir}.')
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Pretrains per `config`, writing logs and checkpoints to `workdir`; returns final metrics."""
+  """Pretrains per `config`, writing logs and checkpoints to `workdir`; returns final metrics.
+
+  One run per workdir (a lock file); SIGTERM/SIGINT finish the step, save it and raise
+  preemption.Preempted; rerunning the same call resumes from the latest usable checkpoint.
+  """
   check_config(config)
+  primary = jax.process_index() == 0
+  with contextlib.ExitStack() as guards:
+    if primary:
+      os.makedirs(workdir, exist_ok=True)
+      guards.enter_context(workdir_lock.WorkdirLock(workdir))
+    watcher = guards.enter_context(preemption.Watcher())
+    return _pretrain(config, workdir, watcher)
+
+
+def _pretrain(config, workdir: str, watcher) -> dict:
   primary = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
   if primary:
-    os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
 
@@ -204,33 +249,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
   steps_per_epoch = pipeline.steps_per_epoch(train_source, config.batch_size)
   channels = train_source.image_shape[-1]
 
-  # ---- Model, optimizer, schedules, and the checkpoint to resume from (config checked first).
+  # ---- Model, optimizer, schedules.
   method, step_fn, init_fn, total_steps = build(config, steps_per_epoch, channels,
                                                 train_source.num_classes)
-  checkpointer = ckpt_lib.Checkpointer(workdir, config, config.checkpoint_every_steps,
-                                       config.keep_checkpoints,
-                                       config.get('async_checkpointing', True))
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    checkpointer.check_config(latest)
+  layer_groups = step_fn.keywords['layer_groups']
 
-  # ---- State, created already sharded; or restored onto the same shardings.
+  # ---- State: the latest usable checkpoint restored onto the state's shardings (its config
+  # checked first; damaged checkpoints skipped), or created already sharded. eval_shape only
+  # traces: nothing has compiled yet.
   sample = jnp.zeros((1,) + input_shape(config, train_source))
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init_fn, rng, sample)
   shardings = parallel.state_shardings(abstract, mesh, config.get('sharding_rules'),
                                        config.get('fsdp_min_size', parallel.FSDP_MIN_SIZE))
-  if latest is None:
+  checkpointer = ckpt_lib.Checkpointer(workdir, config, config.checkpoint_every_steps,
+                                       config.keep_checkpoints,
+                                       config.get('async_checkpointing', True))
+  state, meta = checkpointer.resume(
+      jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                   abstract, shardings))
+  if state is None:
     state = jax.jit(init_fn, out_shardings=shardings)(rng, sample)
   else:
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
-    state, meta = checkpointer.restore(latest, abstract)
-    logging.info('Resumed from %s at step %d.', checkpointer.directory, latest)
+    logging.info('Resumed from %s at step %d.', checkpointer.directory, meta['step'])
+  # The divergence guard's reference: the parameter norm at step 0, kept with every save.
+  start_param_norm = (meta or {}).get('run', {}).get('start_param_norm') or float(
+      jax.jit(optax.tree.norm)(state.params))
   start_step = int(jax.device_get(state.step))
-  if latest is not None and meta['data']['next_step'] != start_step:
-    raise ValueError(f'Checkpoint {latest} in {checkpointer.directory} is inconsistent: the model '
-                     f'is at step {start_step} but the data position at {meta["data"]}.')
   num_params = sum(x.size for x in jax.tree.leaves(state.params['backbone']))
   logging.info('Backbone parameters: %.2fM; steps: %d (%d per epoch); global batch %d on %d '
                'devices.', num_params / 1e6, total_steps, steps_per_epoch, config.batch_size,
@@ -265,60 +310,87 @@ def train_and_evaluate(config, workdir: str) -> dict:
     progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                                every_steps=config.log_every_steps)
     hooks.append(progress)
-  metrics_log = os.path.join(workdir, 'metrics.jsonl')
+  # Rows a killed run logged after its last checkpoint are dropped: each step appears once.
+  metrics_log = metrics_log_lib.MetricsLog(os.path.join(workdir, 'metrics.jsonl'),
+                                           resume_step=start_step, enabled=primary)
   pending, last, summary = [], None, {}
   t_log, step_log = time.time(), start_step
   input_wait = 0.0  # seconds the loop spent blocked on the input since the last log
+  check = functools.partial(check_divergence, layer_groups=layer_groups, guard=config.divergence,
+                            start_param_norm=start_param_norm,
+                            checkpoint_dir=checkpointer.directory)
+  checked = ('loss', 'param_norm', 'update_norm', 'grad_inf')
 
   def write(step, scalars):
     writer.write_scalars(step, scalars)
-    if primary:
-      with open(metrics_log, 'a') as f:
-        f.write(json.dumps({'step': step, **{k: float(v) for k, v in scalars.items()}}) + '\n')
+    metrics_log.write(step, scalars)
 
-  with metric_writers.ensure_flushes(writer):
-    for step in range(start_step + 1, stop_at + 1):
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        t_wait = time.time()
-        batch = next(batches)
-        input_wait += time.time() - t_wait
-        state, metrics = train_step_jit(state, batch)
-      pending.append(metrics)
-      # Check the previous step's loss: the host stays one step behind the device.
-      if last is not None:
-        _check_finite(last['loss'], step - 1, checkpointer)
-      last = metrics
-      for h in hooks:
-        h(step)
+  def scalars_of(metrics):
+    """Host scalars of one step; the per-layer vector becomes one scalar per layer group."""
+    out = {k: v for k, v in metrics.items() if k != 'grad_inf'}
+    if 'grad_inf' in metrics:
+      out.update({f'grad_inf/{g}': v for g, v in zip(layer_groups, metrics['grad_inf'])})
+    return out
 
-      if step % config.log_every_steps == 0 or step == stop_at:
-        host = jax.device_get(pending)
-        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        dt = time.time() - t_log
-        scalars['images_per_sec'] = (step - step_log) * config.batch_size / max(dt, 1e-9)
-        # Share of the wall time the loop waited for input while the device ran the previous
-        # step: an upper bound on the time the device sat idle for want of data.
-        scalars['input_wait_fraction'] = input_wait / max(dt, 1e-9)
-        scalars['epoch'] = step / steps_per_epoch
-        write(step, scalars)
-        summary.update(scalars)
-        pending, t_log, step_log, input_wait = [], time.time(), step, 0.0
+  try:
+    with metric_writers.ensure_flushes(writer):
+      for step in range(start_step + 1, stop_at + 1):
+        with jax.profiler.StepTraceAnnotation('train', step_num=step):
+          t_wait = time.time()
+          batch = next(batches)
+          input_wait += time.time() - t_wait
+          state, metrics = train_step_jit(state, batch)
+        pending.append(metrics)
+        # Check the previous step: the host stays one step behind the device.
+        if last is not None:
+          check(jax.device_get({k: last[k] for k in checked if k in last}), step - 1)
+        last = metrics
+        for h in hooks:
+          h(step)
+        preempted = watcher.requested(step)
+        final = step == stop_at or preempted
 
-      if step == stop_at or step % config.checkpoint_every_steps == 0:
-        _check_finite(metrics['loss'], step, checkpointer)  # never save a diverged state
-        checkpointer.save(step, state, dict(seed=config.seed, next_step=step), force=True)
+        if step % config.log_every_steps == 0 or final:
+          host = [scalars_of(m) for m in jax.device_get(pending)]
+          scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+          dt = time.time() - t_log
+          scalars['images_per_sec'] = (step - step_log) * config.batch_size / max(dt, 1e-9)
+          # Share of the wall time the loop waited for input while the device ran the previous
+          # step: an upper bound on the time the device sat idle for want of data.
+          scalars['input_wait_fraction'] = input_wait / max(dt, 1e-9)
+          scalars['epoch'] = step / steps_per_epoch
+          write(step, scalars)
+          summary.update(scalars)
+          pending, t_log, step_log, input_wait = [], time.time(), step, 0.0
 
-      at_end = step == total_steps
-      if evaluate and ((knn_every and step % knn_every == 0) or
-                       (at_end and config.eval.get('knn_at_end', True))):
-        t0 = time.time()
-        scalars = evaluate(state)
-        scalars['epoch'] = step / steps_per_epoch
-        logging.info('step %d: %s (%.1fs)', step, scalars, time.time() - t0)
-        write(step, scalars)
-        summary.update(scalars)
-        t_log, input_wait = time.time(), 0.0  # evaluation time does not count against images/s
+        if final or step % config.checkpoint_every_steps == 0:
+          check(jax.device_get({k: metrics[k] for k in checked if k in metrics}), step)
+          checkpointer.save(step, state, dict(seed=config.seed, next_step=step), force=True,
+                            run=dict(start_param_norm=start_param_norm))
+        if preempted:
+          checkpointer.wait()
+          name = signal.Signals(watcher.signum).name
+          raise preemption.Preempted(
+              f'{name}: saved step {step} of {total_steps} to {checkpointer.directory}; rerun the '
+              'same command to resume.', watcher.signum)
 
+        at_end = step == total_steps
+        if evaluate and ((knn_every and step % knn_every == 0) or
+                         (at_end and config.eval.get('knn_at_end', True))):
+          t0 = time.time()
+          scalars = evaluate(state)
+          scalars['epoch'] = step / steps_per_epoch
+          logging.info('step %d: %s (%.1fs)', step, scalars, time.time() - t0)
+          write(step, scalars)
+          summary.update(scalars)
+          t_log, input_wait = time.time(), 0.0  # evaluation time does not count against images/s
+  except BaseException:
+    # Wait for a save in flight, but never let its error hide the one that stopped the run.
+    try:
+      checkpointer.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('Closing the checkpointer also failed: %s', e)
+    raise
   checkpointer.close()
   if primary and config.get('plot', True):
     from mocojax import report  # matplotlib only when plotting

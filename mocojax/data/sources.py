@@ -12,6 +12,7 @@ import dataclasses
 import gzip
 import os
 import pathlib
+import zlib
 from typing import Callable
 
 import numpy as np
@@ -121,8 +122,15 @@ def read_idx(path) -> np.ndarray:
   """Reads a (optionally gzipped) IDX file, the MNIST/Fashion-MNIST format."""
   path = str(path)
   opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
+  try:
+    with opener(path, 'rb') as f:
+      data = f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    # gzip names neither the file nor the likely cause (a cut-short
+    # download or copy).
+    raise ValueError(
+        f'{path} is not a complete gzip file ({e}); it is truncated or '
+        'damaged: download or copy it again.') from e
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
     raise ValueError(f'{path} is not an IDX file (bad magic number).')
   if data[2] != 0x08:
@@ -159,6 +167,11 @@ def _idx_source(data_config, split: str) -> Source:
         'https://github.com/zalandoresearch/fashion-mnist.')
   images = read_idx(image_file)
   labels = read_idx(label_file)
+  if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+    raise ValueError(
+        f'{label_file} holds {labels.shape[0]} labels but {image_file} holds '
+        f'{images.shape[0]} images: the two files must be the same split '
+        '(both train-* or both t10k-*) of the same dataset.')
   if images.ndim == 3:  # IDX stores greyscale as [N, H, W]
     images = images[..., None]
   name = _config_get(data_config, 'name', None) or 'idx'

@@ -205,9 +205,10 @@ def run(encoder_path: str, config, workdir: str, *, train_source: Optional[Sourc
                                        config.keep_checkpoints,
                                        config.get('async_checkpointing', True))
   # The config is checked before anything compiles; eval_shape only traces.
-  state, start_step = checkpointer.resume(jax.tree.map(
+  state, meta = checkpointer.resume(jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
       jax.eval_shape(init, variables)))
+  start_step = meta['step'] if meta else 0
   if state is None:
     state = init(variables)
   else:

@@ -260,10 +260,10 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
   if not settings.fast:
     checkpointer = ckpt_lib.Checkpointer(outdir, settings, settings.checkpoint_every_steps,
                                          settings.keep_checkpoints)
-    resumed, start_step = checkpointer.resume(jax.tree.map(
+    resumed, meta = checkpointer.resume(jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state))
     if resumed is not None:
-      state = resumed
+      state, start_step = resumed, meta['step']
       logging.info('Resumed the linear probe from %s at step %d.', checkpointer.directory,
                    start_step)
 

@@ -81,16 +81,9 @@ def keys_per_step(config) -> int:
 
 def check_config(config):
   """queue_size and BN groups against the batch: a clear error before anything compiles."""
-  n = keys_per_step(config)
-  if config.queue_size % n:
-    what = (f'2 x batch_size={config.batch_size} (symmetric: both views are enqueued)'
-            if config.get('symmetric', False) else f'batch_size={config.batch_size}')
-    raise ValueError(f'queue_size={config.queue_size} must be a multiple of the keys enqueued per '
-                     f'step, {what}; e.g. queue_size={max(1, config.queue_size // n) * n}.')
-  m = config.model
-  if m.get('bn_stats', 'global') == 'group' and config.batch_size % m.bn_group_size:
-    raise ValueError(f'batch_size={config.batch_size} does not split into BN groups of '
-                     f'model.bn_group_size={m.bn_group_size}.')
+  # The rules live with every other config check; validate imports this module lazily.
+  from mocojax import validate
+  validate.check_queue(config)
 
 
 class MoCoV1V2:

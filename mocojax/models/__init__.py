@@ -1,5 +1,7 @@
 """Backbones by name: `build_backbone(config.model)`."""
 
+import re
+
 import jax.numpy as jnp
 
 from mocojax.models import resnet as resnet_lib
@@ -42,3 +44,37 @@ def grad_probes(model_config) -> dict:
     _, counts = resnet_lib.stages(model_config.depth)
     return {'first_layer': 'backbone/conv1/', 'last_block': f'backbone/layer4_{counts[-1] - 1}/'}
   raise ValueError(f'model.name={model_config.name!r} is not a known backbone; use one of {BACKBONES}.')
+
+
+# Backbone modules before the blocks, in the order the input meets them.
+_STEM = ('patch_embed', 'conv1', 'bn1', 'cls_token', 'pos_embedding')
+_BLOCK = re.compile(r'(?:blocks|layer(\d+))_(\d+)')
+_HEADS = ('projector', 'head', 'predictor')
+
+
+def _group_order(top: str, child: str | None):
+  if top != 'backbone':
+    return (1, _HEADS.index(top) if top in _HEADS else len(_HEADS), top)
+  block = _BLOCK.fullmatch(child)
+  if block:
+    return (0, 1, int(block.group(1) or 0), int(block.group(2)))
+  if child in _STEM:
+    return (0, 0, _STEM.index(child))
+  return (0, 2, child)  # the final norm and anything after the blocks
+
+
+def layer_groups(params) -> list:
+  """Parameter-path prefixes of each layer group, from input to output.
+
+  The backbone's stem modules (patch projection; conv1, bn1), each block, the final norm,
+  then the projector (or v1/v2 head) and the predictor: the rows of the v3 paper's Fig. 5.
+  `params` may be abstract (ShapeDtypeStructs).
+  """
+  groups = []
+  for top, sub in params.items():
+    if top == 'backbone':
+      groups += [(top, child) for child in sub]
+    else:
+      groups.append((top, None))
+  groups.sort(key=lambda g: _group_order(*g))
+  return [f'{top}/{child}' if child else top for top, child in groups]
