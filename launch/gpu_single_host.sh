@@ -68,6 +68,8 @@ run mkdir -p "$WORKDIR"
 show "${ENV[@]}" "$VENV/bin/python" -m mocojax.main "${ARGS[@]}" "${EXTRA[@]}"
 printf ' 2>&1 | tee -a %q\n' "$WORKDIR/train.log"
 if [[ $DRY_RUN == 0 ]]; then
-  "${ENV[@]}" "$VENV/bin/python" -m mocojax.main "${ARGS[@]}" "${EXTRA[@]}" 2>&1 |
-    tee -a "$WORKDIR/train.log"
+  # exec, with tee in a process substitution rather than a pipe: the trainer replaces this
+  # shell, so a SIGTERM sent to the script reaches it (it saves the step, then exits).
+  exec "${ENV[@]}" "$VENV/bin/python" -m mocojax.main "${ARGS[@]}" "${EXTRA[@]}" \
+    > >(tee -a "$WORKDIR/train.log") 2>&1
 fi

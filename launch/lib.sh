@@ -17,3 +17,9 @@ run() {
 '
   if [[ $DRY_RUN == 0 ]]; then "$@"; fi
 }
+# Like run, but the command replaces this shell: a SIGTERM sent to the script (a scheduler
+# stopping the job, a preempted VM) reaches the trainer, which saves its step before exiting.
+run_exec() {
+  show "$@"; printf '\n'
+  if [[ $DRY_RUN == 0 ]]; then exec "$@"; fi
+}

@@ -55,7 +55,7 @@ fi
 MAIN=("$PYTHON" -m mocojax.main "--config=$CONFIG" "--workdir=$WORKDIR" "${EXTRA[@]}")
 
 if [[ $PROCESSES == 1 ]]; then
-  run "${ENV[@]}" "${MAIN[@]}"
+  run_exec "${ENV[@]}" "${MAIN[@]}"  # signals sent to this script reach the trainer
   exit 0
 fi
 
@@ -65,8 +65,11 @@ for ((i = PROCESSES - 1; i >= 0; i--)); do  # process 0 last, in the foreground
   CMD=("${ENV[@]}" "${MAIN[@]}" "--coordinator_address=localhost:$PORT"
        "--num_processes=$PROCESSES" "--process_id=$i")
   if [[ $i == 0 ]]; then
-    show "${CMD[@]}"; printf ' 2>&1 | tee %q\n' "$WORKDIR/logs/process_0.log"
-    if [[ $DRY_RUN == 0 ]]; then "${CMD[@]}" 2>&1 | tee "$WORKDIR/logs/process_0.log"; fi
+    show "${CMD[@]}"; printf ' 2>&1 | tee %q &\n' "$WORKDIR/logs/process_0.log"
+    if [[ $DRY_RUN == 0 ]]; then
+      "${CMD[@]}" > >(tee "$WORKDIR/logs/process_0.log") 2>&1 &
+      PIDS+=($!)
+    fi
   else
     show "${CMD[@]}"; printf ' > %q 2>&1 &\n' "$WORKDIR/logs/process_$i.log"
     if [[ $DRY_RUN == 0 ]]; then
@@ -75,6 +78,17 @@ for ((i = PROCESSES - 1; i >= 0; i--)); do  # process 0 last, in the foreground
     fi
   fi
 done
+# SIGTERM/SIGINT to this script go to every process: JAX's preemption service then agrees
+# on one step that all of them save before exiting.
+trap 'kill -TERM "${PIDS[@]}" 2>/dev/null' TERM INT
+STATUS=0
 for pid in "${PIDS[@]}"; do
-  wait "$pid"
+  # wait returns early when a trapped signal arrives; wait again for the process itself.
+  while true; do
+    set +e; wait "$pid"; rc=$?; set -e
+    if kill -0 "$pid" 2>/dev/null; then continue; fi
+    break
+  done
+  if [[ $rc != 0 ]]; then STATUS=$rc; fi
 done
+exit "$STATUS"

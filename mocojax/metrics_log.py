@@ -20,14 +20,7 @@ class MetricsLog:
   def _drop_after(self, step: int):
     with open(self.path) as f:
       lines = f.readlines()
-    kept = []
-    for line in lines:
-      try:
-        row = json.loads(line)
-      except ValueError:
-        continue  # a line cut short by a kill
-      if row.get('step', 0) <= step:
-        kept.append(json.dumps(row) + '\n')
+    kept = [json.dumps(row) + '\n' for row in _parse(lines) if row.get('step', 0) <= step]
     if len(kept) == len(lines):
       return
     tmp = self.path + '.tmp'
@@ -39,3 +32,19 @@ class MetricsLog:
     if self.enabled:
       with open(self.path, 'a') as f:
         f.write(json.dumps({'step': step, **{k: float(v) for k, v in scalars.items()}}) + '\n')
+
+
+def _parse(lines):
+  for line in lines:
+    try:
+      yield json.loads(line)
+    except ValueError:
+      continue  # a line cut short by a kill (or a blank one)
+
+
+def read_rows(path: str) -> list:
+  """The rows of a metrics.jsonl in order; [] if it does not exist."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return list(_parse(f))

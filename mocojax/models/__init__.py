@@ -76,5 +76,12 @@ def layer_groups(params) -> list:
       groups += [(top, child) for child in sub]
     else:
       groups.append((top, None))
-  groups.sort(key=lambda g: _group_order(*g))
-  return [f'{top}/{child}' if child else top for top, child in groups]
+  return order_layer_groups(f'{top}/{child}' if child else top for top, child in groups)
+
+
+def order_layer_groups(names) -> list:
+  """Layer-group names ('backbone/blocks_3', 'projector', ...) from input to output: the order
+  of `layer_groups`, for readers of logged metrics that have only the names."""
+  split = [tuple(n.split('/', 1)) if '/' in n else (n, None) for n in names]
+  split.sort(key=lambda g: _group_order(*g))
+  return [f'{top}/{child}' if child else top for top, child in split]
