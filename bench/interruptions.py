@@ -41,11 +41,18 @@ def overrides(steps: int, every: int) -> list:
 
 
 def start(workdir, args):
+  """Starts a run whose output goes to <workdir>.log (a pipe nobody reads would fill and block
+  the run)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
              XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  return subprocess.Popen([sys.executable, '-m', 'mocojax.main', f'--workdir={workdir}', *args],
-                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+  with open(f'{workdir}.log', 'a') as log:
+    return subprocess.Popen([sys.executable, '-m', 'mocojax.main', f'--workdir={workdir}', *args],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def tail(workdir) -> str:
+  with open(f'{workdir}.log') as f:
+    return f.read()[-3000:]
 
 
 def rows(workdir):
@@ -83,13 +90,14 @@ def main():
   rng = random.Random(a.seed)
   args = overrides(a.steps, a.every)
   shutil.rmtree(a.workdir, ignore_errors=True)
+  os.makedirs(a.workdir)
   reference, run = os.path.join(a.workdir, 'reference'), os.path.join(a.workdir, 'run')
 
   t0 = time.time()
   p = start(reference, args)
   if p.wait() != 0:
-    sys.exit(f'The reference run failed:\n{p.stderr.read()[-3000:]}')
-  print(f'reference: {a.steps} steps in {time.time() - t0:.0f} s')
+    sys.exit(f'The reference run failed:\n{tail(reference)}')
+  print(f'reference: {a.steps} steps in {time.time() - t0:.0f} s', flush=True)
 
   # logged: the last step in metrics.jsonl when the signal was sent; saved: the latest
   # checkpoint after the exit, where the restart resumes.
@@ -103,7 +111,7 @@ def main():
     while last_logged(run) < target and p.poll() is None:
       time.sleep(0.02)
     if p.poll() is not None:
-      sys.exit(f'The run ended before step {target}:\n{p.stderr.read()[-3000:]}')
+      sys.exit(f'The run ended before step {target}:\n{tail(run)}')
     p.send_signal(sig)
     logged = last_logged(run)
     code = p.wait()
@@ -115,7 +123,7 @@ def main():
 
   p = start(run, args)
   if p.wait() != 0:
-    sys.exit(f'The last restart failed:\n{p.stderr.read()[-3000:]}')
+    sys.exit(f'The last restart failed:\n{tail(run)}')
   steps = [r['step'] for r in rows(run) if 'loss' in r]
   same_losses = ([r['loss'] for r in rows(run)] == [r['loss'] for r in rows(reference)])
   a_state, b_state = final_state(reference, a.steps), final_state(run, a.steps)

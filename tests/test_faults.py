@@ -44,8 +44,15 @@ TINY = ['--config=configs/demo.py', '--config.model.width=32', '--config.model.d
 
 
 def _start(workdir):
-  return subprocess.Popen([sys.executable, '-m', 'mocojax.main', f'--workdir={workdir}', *TINY],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  """The run's output goes to <workdir>.log: a pipe read only at the end would fill and block it."""
+  with open(f'{workdir}.log', 'a') as log:
+    return subprocess.Popen([sys.executable, '-m', 'mocojax.main', f'--workdir={workdir}', *TINY],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _output(workdir):
+  with open(f'{workdir}.log') as f:
+    return f.read()
 
 
 def _rows(workdir):
@@ -64,7 +71,7 @@ def _wait_for_step(proc, workdir, step, timeout=300):
     if rows and rows[-1]['step'] >= step:
       return rows[-1]['step']
     if proc.poll() is not None:
-      raise AssertionError(f'the run ended before step {step}:\n{proc.stdout.read()[-3000:]}')
+      raise AssertionError(f'the run ended before step {step}:\n{_output(workdir)[-3000:]}')
     time.sleep(0.05)
   raise AssertionError(f'step {step} not reached in {timeout} s')
 
@@ -78,8 +85,7 @@ def _final_state(workdir, step=100):
 @needs_fmnist
 def test_kill_term_and_resume_lose_at_most_one_step_and_end_bit_identical(tiny_config, tmp_path):
   reference = _start(tmp_path / 'reference')
-  out, _ = reference.communicate(timeout=600)
-  assert reference.returncode == 0, out[-3000:]
+  assert reference.wait(timeout=600) == 0, _output(tmp_path / 'reference')[-3000:]
 
   run = tmp_path / 'run'
   # SIGKILL: nothing can be saved; the restart resumes from the last periodic save (step 10).
@@ -96,7 +102,8 @@ def test_kill_term_and_resume_lose_at_most_one_step_and_end_bit_identical(tiny_c
   # SIGTERM: the step in flight is finished and saved; the exit says which.
   seen = _wait_for_step(proc, run, 61)
   proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=300)
+  proc.wait(timeout=300)
+  out = _output(run)
   assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
   saved = max(int(d) for d in os.listdir(run / 'checkpoints') if d.isdigit())
   assert saved >= seen, (saved, seen)  # nothing logged before the signal is lost
@@ -104,8 +111,7 @@ def test_kill_term_and_resume_lose_at_most_one_step_and_end_bit_identical(tiny_c
   assert not (run / 'run.lock').exists()  # released on the way out
 
   proc = _start(run)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out[-3000:]
+  assert proc.wait(timeout=600) == 0, _output(run)[-3000:]
   # metrics.jsonl holds each step once, with the uninterrupted run's losses.
   steps = [r['step'] for r in _rows(run) if 'loss' in r]
   assert steps == list(range(1, 101))

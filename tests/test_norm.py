@@ -41,8 +41,14 @@ def test_global_bn_normalises_over_batch_and_space_like_flax():
   fbn = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
   fy, fupd = fbn.apply(fbn.init(jax.random.key(0), x), x, mutable=['batch_stats'])
   np.testing.assert_allclose(y, fy, atol=1e-5)
-  for k in ('mean', 'var'):
-    np.testing.assert_allclose(upd['batch_stats'][k], fupd['batch_stats'][k], rtol=1e-5)
+  np.testing.assert_allclose(upd['batch_stats']['mean'], fupd['batch_stats']['mean'], rtol=1e-5)
+  # The running variance is PyTorch's, unbiased (flax keeps the biased one).
+  x64 = x.astype(np.float64)
+  np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 + 0.1 * x64.var((0, 1, 2), ddof=1),
+                             rtol=1e-5)
+  n = x.size // x.shape[-1]
+  np.testing.assert_allclose(upd['batch_stats']['var'] - 0.9,
+                             (fupd['batch_stats']['var'] - 0.9) * n / (n - 1), rtol=1e-5)
 
 
 def test_group_bn_normalises_each_group_and_averages_running_stats():
@@ -51,7 +57,7 @@ def test_group_bn_normalises_each_group_and_averages_running_stats():
   np.testing.assert_allclose(y, _np_group_bn(x.astype(np.float64), 4), atol=1e-5)
   groups = np.split(x.astype(np.float64), 4)
   mean = np.mean([g.mean((0, 1, 2)) for g in groups], 0)
-  var = np.mean([g.var((0, 1, 2)) for g in groups], 0)
+  var = np.mean([g.var((0, 1, 2), ddof=1) for g in groups], 0)  # unbiased, as PyTorch stores
   np.testing.assert_allclose(upd['batch_stats']['mean'], 0.1 * mean, rtol=1e-5)
   np.testing.assert_allclose(upd['batch_stats']['var'], 0.9 + 0.1 * var, rtol=1e-5)
   # Inference uses the running statistics, not the batch.

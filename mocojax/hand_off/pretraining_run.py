@@ -18,7 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from mocojax import models, parallel
+from mocojax import checkpoint, models, parallel
 
 # The sub-tree of TrainState.params / .batch_stats that is the base encoder's backbone (the
 # encoder that gets gradients; the momentum encoder's copy is in momentum_params).
@@ -96,7 +96,17 @@ def restore_backbone(workdir: str, step: Optional[int] = None,
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True))).state
+  # The checksums the trainer saved with the step catch bytes changed on disk since.
+  saved_sums = manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore())).meta.get('checksums')
   manager.close()
+  if saved_sums is not None:
+    sums, bad = checkpoint.fingerprint(restored)
+    differ = [k for k in sums if saved_sums.get(k) != sums[k]] + bad
+    if differ:
+      raise ValueError(f'The checkpoint at {manager.directory}/{step} is damaged ({len(differ)} '
+                       f'arrays differ from their checksums or hold NaNs, e.g. {differ[0]}); '
+                       f'choose an earlier step of {steps}.')
   variables = {k: restored[k][BACKBONE] for k in abstract}
 
   dtype = jax.numpy.dtype(dtype or config.get('dtype', 'float32'))

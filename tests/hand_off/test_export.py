@@ -208,3 +208,14 @@ def test_resnet_export_keeps_bn_statistics_and_torchvision_names(resnet_run, tmp
   assert shapes['layer4.1.bn2.running_var'] == (64,)
   np.testing.assert_array_equal(mean, saved.batch_stats['backbone']['layer1_0']['bn1']['mean'])
   assert not any(k.startswith('fc.') for k in shapes)
+
+
+def test_a_checkpoint_whose_bytes_changed_is_not_exported(pretraining_run, tmp_path):
+  workdir, _ = pretraining_run
+  meta_file = workdir / 'checkpoints' / '7' / 'meta' / 'metadata'
+  meta = json.load(open(meta_file))
+  key = next(k for k in meta['checksums'] if k.startswith('params/backbone/blocks_1/'))
+  meta['checksums'][key][0] ^= 1  # as if a byte of that array had flipped on disk
+  json.dump(meta, open(meta_file, 'w'))
+  with pytest.raises(ValueError, match=f'is damaged .*e.g. {key}.*earlier step of'):
+    encoder.export_encoder(str(workdir), str(tmp_path / 'encoder'))
