@@ -3,7 +3,7 @@ r"""Plans a pod run without one: compiles the real train step for N devices on t
   python -m mocojax.plan --config=configs/mocov3_vit_base.py --devices=256 --dtype=bfloat16 \
       [--batch=4096] [--fsdp=4] [--platform-peak-tflops=459] [--mfu=0.4]
 
-The step is the trainer's: `train.build`, the state laid out by `parallel.state_shardings`
+The step is the trainer's (`step.setup`): the state laid out by `parallel.state_shardings`
 (config.mesh and config.sharding_rules; --fsdp=K sets the mesh to data x fsdp=K), the step
 wrapped by `parallel.gather_parameters`, jitted with the batch split over every device and
 the state donated. It is lowered on ShapeDtypeStructs and compiled ahead of time for N
@@ -100,19 +100,18 @@ def flops(cost) -> float:
   return float(sum(d.get('flops', 0.0) for d in cost if d))
 
 
-def state_bytes_per_device(abstract_state, shardings) -> dict:
-  """Bytes per device of each part of the train state, from shapes and shardings alone."""
+def state_bytes_per_device(abstract_state) -> dict:
+  """Bytes per device of each part of the train state, from shapes and shardings alone
+  (`abstract_state`: ShapeDtypeStructs carrying their shardings)."""
   import jax
   import numpy as np
   out = {}
   for field in abstract_state.__dataclass_fields__:
-    leaves = jax.tree.leaves(getattr(abstract_state, field))
-    specs = jax.tree.leaves(getattr(shardings, field))
     total = 0
-    for leaf, sharding in zip(leaves, specs):
+    for leaf in jax.tree.leaves(getattr(abstract_state, field)):
       if not hasattr(leaf, 'dtype') or jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         continue
-      shard = sharding.shard_shape(leaf.shape)
+      shard = leaf.sharding.shard_shape(leaf.shape)
       total += int(np.prod(shard)) * leaf.dtype.itemsize
     out[field] = total
   return out
@@ -127,27 +126,21 @@ def plan(config, num_classes: int = 1000, channels: int = 3) -> dict:
 
   import jax
   import jax.numpy as jnp
-  from mocojax import parallel, train
+  from mocojax import parallel
+  from mocojax import step as step_lib
 
   n = jax.device_count()
   parallel.check_batch_size(config.batch_size)
   mesh = parallel.make_mesh(tuple(tuple(a) for a in config.mesh))
   steps_per_epoch = IMAGENET_TRAIN_IMAGES // config.batch_size
-  _, step_fn, init_fn, total_steps = train.build(config, steps_per_epoch, channels, num_classes)
-  size = config.data.image_size
-  abstract = jax.eval_shape(init_fn, jax.random.key(0), jnp.zeros((1, size, size, channels)))
-  shardings = parallel.state_shardings(abstract, mesh, config.get('sharding_rules'),
-                                       config.get('fsdp_min_size', parallel.FSDP_MIN_SIZE))
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, shardings)
-  data = parallel.batch_sharding(mesh)
+  setup = step_lib.setup(config, mesh, steps_per_epoch, channels, num_classes)
+  total_steps, state, step = setup.total_steps, setup.abstract_state, setup.step
+  size, data = config.data.image_size, setup.batch_sharding
   b = config.batch_size
   batch = {v: jax.ShapeDtypeStruct((b, size, size, channels), jnp.float32, sharding=data)
            for v in ('view1', 'view2')}
-  if abstract.probe is not None:
+  if state.probe is not None:
     batch['label'] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)
-  step = jax.jit(parallel.gather_parameters(step_fn, mesh), in_shardings=(shardings, data),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
 
   t0 = time.time()
   lowered = step.lower(state, batch)
@@ -163,7 +156,7 @@ def plan(config, num_classes: int = 1000, channels: int = 3) -> dict:
       devices=n, mesh=dict(mesh.shape), batch=b, steps_per_epoch=steps_per_epoch,
       total_steps=total_steps, epochs=config.epochs, dtype=config.get('dtype', 'float32'),
       remat=bool(config.model.get('remat', False)),
-      state=state_bytes_per_device(abstract, shardings),
+      state=state_bytes_per_device(state),
       batch_bytes=2 * b * size * size * channels * 4 // n, memory=mem,
       flops_per_device=per_device_flops, flops_global_unpartitioned=flops(lowered.cost_analysis()),
       collectives=collectives(compiled.as_text()), lower_s=t1 - t0, compile_s=t2 - t1)

@@ -107,8 +107,8 @@ def write_plots(workdir: str, out_name: str = 'training.png') -> list:
     ax.plot(*_series(rows, key), label=key.split('/')[1].replace('_', ' '))
   mark_spikes(ax)
   ax.set_yscale('log')
-  ax.set(title=f'gradient infinity-norm: {len(spikes)} spikes (> {alarm.spike_factor:g}x the '
-               f'running median), {len(dips)} kNN dips', xlabel='step')
+  ax.set(title=f'gradient inf-norm: {len(spikes)} spikes (> {alarm.spike_factor:g}x median), '
+               f'{len(dips)} kNN dips', xlabel='step')
   ax.legend()
 
   fig.suptitle(os.path.basename(os.path.normpath(workdir)))

@@ -176,7 +176,7 @@ class Alarm:
         above = median > 0 and value > self.spike_factor * median
         if above and not self._above[i]:
           rose.append(i)
-          ratios[i] = value / median
+          ratios[i] = float(value / median)
       self._above[i] = above
       history.append(value)
     if rose and self._open is None:

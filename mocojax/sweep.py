@@ -39,12 +39,18 @@ import time
 
 from absl import app, flags
 
-_CONFIG = flags.DEFINE_string('config', None, 'Config file of every run (as main.py takes it).',
-                              required=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Parent directory: one workdir per run.',
-                               required=True)
-_GRID = flags.DEFINE_multi_string('grid', [], "'key=v1,v2,...': one axis of the grid (repeat).")
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print each run, its status and command; run none.')
+
+def _define_flags():
+  """Defined when run as a command, not on import: the other commands (knn, linear, ...) take
+  --workdir too, and tests import several of them into one process."""
+  global _CONFIG, _WORKDIR, _GRID, _DRY_RUN
+  _CONFIG = flags.DEFINE_string('config', None, 'Config file of every run (as main.py takes it).',
+                                required=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Parent directory: one workdir per run.',
+                                 required=True)
+  _GRID = flags.DEFINE_multi_string('grid', [], "'key=v1,v2,...': one axis of the grid (repeat).")
+  _DRY_RUN = flags.DEFINE_bool('dry_run', False,
+                               'Print each run, its status and command; run none.')
 
 MARKER = 'sweep_done.json'
 _OVERRIDE = re.compile(r'--?(no)?config\.(.+)')
@@ -396,4 +402,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main, flags_parser=_parse_flags)

@@ -1,13 +1,10 @@
 """The MoCo trainer: read it top to bottom.
 
-  mesh -> input -> model, optimizer, schedules -> state (created sharded) -> checkpoint restore
-  -> the jitted pure step -> evaluators -> the loop (metrics, progress, NaN stop, saves, kNN).
+  mesh -> input -> the step set up (step.setup: model, optimizer, schedules, shardings) ->
+  state (the latest usable checkpoint, or created sharded) -> evaluators -> the loop (metrics,
+  progress, divergence stop, preemption, saves, kNN).
 
-The train state holds everything a step changes; the step is a pure function
-(state, batch) -> (state, metrics), jitted with the batch split over every mesh axis, the state
-laid out by `parallel.state_shardings` (replicated on the default data-parallel mesh; large
-parameters and their optimizer state split over 'fsdp' when the mesh has that axis), and the
-state's buffers donated.
+The step itself, pure and jitted, lives in step.py.
 """
 
 import contextlib
@@ -15,24 +12,18 @@ import functools
 import os
 import signal
 import time
-from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
 from mocojax import checkpoint as ckpt_lib
-from mocojax import methods
 from mocojax import metrics_log as metrics_log_lib
-from mocojax import momentum as momentum_lib
-from mocojax import optim
 from mocojax import parallel
-from mocojax import models
 from mocojax import preemption
+from mocojax import step as step_lib
 from mocojax import validate
 from mocojax import workdir_lock
 from mocojax.data import pipeline, sources
@@ -41,112 +32,8 @@ from mocojax.evaluation import knn as knn_lib
 from mocojax.evaluation import online_probe
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array                 # number of optimizer steps taken
-  params: Any                     # base encoder (backbone, projector, predictor)
-  batch_stats: Any                # its BN running statistics
-  momentum_params: Any            # EMA of params['backbone'|'projector']; never optimised
-  momentum_batch_stats: Any
-  opt_state: Any
-  method_state: Any               # e.g. the v1/v2 queue; empty for v3
-  rng: jax.Array                  # folded with the step for per-step randomness
-  probe: Any = None               # online linear probe {'params', 'opt_state'}, or None
-
-
 class DivergenceError(FloatingPointError):
   """The loss, a gradient or the parameters left their bounds; the state was not saved."""
-
-
-# ----------------------------------------------------------------------------------------------
-# The step.
-# ----------------------------------------------------------------------------------------------
-def _max_abs_under(tree, prefix: str):
-  """Infinity-norm of the leaves at or under `prefix`; NaN (or inf) if any of them has one."""
-  prefix = prefix.rstrip('/')
-  leaves = [jnp.max(jnp.abs(x)) for path, x in jax.tree_util.tree_leaves_with_path(tree)
-            if (name := optim._path_name(path)) == prefix or name.startswith(prefix + '/')]
-  return jnp.max(jnp.stack(leaves)) if leaves else jnp.float32(jnp.nan)
-
-
-def train_step(state: TrainState, batch, *, method, tx, lr_schedule, momentum_schedule,
-               grad_probes: dict, layer_groups: tuple = (), probe_tx=None):
-  """One MoCo step. Pure: (state, batch) -> (state, metrics)."""
-  # The reference updates the key encoder at the start of each forward pass, so the keys of
-  # step t come from the encoder averaged with the base parameters of step t-1.
-  m = momentum_schedule(state.step)
-  momentum_params = momentum_lib.ema_update(state.momentum_params, state.params, m)
-  rng = jax.random.fold_in(state.rng, state.step)
-
-  def loss_fn(params):
-    return method.loss(params, state, momentum_params, batch, rng)
-
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-
-  metrics = dict(loss=loss, lr=lr_schedule(state.step), momentum=m,
-                 grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
-                 update_norm=optax.tree.norm(updates), **aux['metrics'])
-  # The v3 paper's Fig. 5 signals: the infinity-norm of first-layer and last-block gradients.
-  for name, prefix in grad_probes.items():
-    metrics[f'grad_max/{name}'] = _max_abs_under(grads, prefix)
-  # ... and of every layer group, input to output: one vector, so that the host's per-step
-  # divergence check fetches one array (and names the first layer that went non-finite).
-  if layer_groups:
-    metrics['grad_inf'] = jnp.stack([_max_abs_under(grads, g) for g in layer_groups])
-  probe = state.probe
-  if probe is not None:
-    probe, probe_metrics = online_probe.update(probe, aux['features'], batch['label'], probe_tx)
-    metrics.update(probe_metrics)
-  new_state = state.replace(probe=probe, 
-      step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
-      momentum_params=momentum_params, momentum_batch_stats=aux['momentum_batch_stats'],
-      opt_state=opt_state, method_state=aux['method_state'])
-  return new_state, metrics
-
-
-def init_state(rng, sample_images, *, method, tx, probe_tx=None, num_classes=0) -> TrainState:
-  init_rng, state_rng = jax.random.split(rng)
-  v = method.init(init_rng, sample_images)
-  probe = None
-  if probe_tx is not None:
-    feature_dim = method.features(v, sample_images).shape[-1]
-    probe = online_probe.init(feature_dim, num_classes, probe_tx)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
-                    batch_stats=v['batch_stats'], momentum_params=v['momentum_params'],
-                    momentum_batch_stats=v['momentum_batch_stats'],
-                    opt_state=tx.init(v['params']), method_state=v['method_state'],
-                    rng=state_rng, probe=probe)
-
-
-def input_shape(config, source) -> tuple:
-  return (config.data.image_size, config.data.image_size, source.image_shape[-1])
-
-
-def build(config, steps_per_epoch: int, channels: int, num_classes: int = 0):
-  """Method, optimizer and schedules of a config; shared by the trainer, tests and benches.
-
-  With num_classes > 0 and config.online_probe.enabled, the state carries an online probe.
-  """
-  dtype = jnp.dtype(config.get('dtype', 'float32'))
-  method = methods.build_method(config, dtype)
-  warmup, total = optim.schedule_steps(config, steps_per_epoch)
-  del warmup
-  sample = jnp.zeros((1, config.data.image_size, config.data.image_size, channels))
-  abstract_params = jax.eval_shape(lambda: method.init(jax.random.key(0), sample))['params']
-  tx, lr = optim.build_optimizer(config, abstract_params, steps_per_epoch)
-  m = momentum_lib.momentum_schedule(config.momentum.base, total, config.momentum.cosine)
-  probe_tx = None
-  if num_classes and config.get('online_probe') and config.online_probe.enabled:
-    probe_tx = online_probe.optimizer(config.online_probe)
-  step_fn = functools.partial(train_step, method=method, tx=tx, lr_schedule=lr,
-                              momentum_schedule=m, grad_probes=models.grad_probes(config.model),
-                              layer_groups=tuple(models.layer_groups(abstract_params)),
-                              probe_tx=probe_tx)
-  init_fn = functools.partial(init_state, method=method, tx=tx, probe_tx=probe_tx,
-                              num_classes=num_classes)
-  return method, step_fn, init_fn, total
 
 
 def check_config(config):
@@ -241,35 +128,25 @@ def _pretrain(config, workdir: str, watcher) -> dict:
 
   # ---- Mesh.
   mesh = parallel.make_mesh(tuple(tuple(a) for a in config.mesh))
-  replicated = parallel.replicated(mesh)  # metrics
-  data_sharding = parallel.batch_sharding(mesh)
 
   # ---- Input.
   train_source = sources.get_source(config.data, config.data.train_split)
   steps_per_epoch = pipeline.steps_per_epoch(train_source, config.batch_size)
-  channels = train_source.image_shape[-1]
 
-  # ---- Model, optimizer, schedules.
-  method, step_fn, init_fn, total_steps = build(config, steps_per_epoch, channels,
-                                                train_source.num_classes)
-  layer_groups = step_fn.keywords['layer_groups']
+  # ---- The step: model, optimizer, schedules, state layout, jitted init and step.
+  setup = step_lib.setup(config, mesh, steps_per_epoch, train_source.image_shape[-1],
+                         train_source.num_classes)
+  total_steps = setup.total_steps
 
   # ---- State: the latest usable checkpoint restored onto the state's shardings (its config
-  # checked first; damaged checkpoints skipped), or created already sharded. eval_shape only
-  # traces: nothing has compiled yet.
-  sample = jnp.zeros((1,) + input_shape(config, train_source))
-  rng = jax.random.key(config.seed)
-  abstract = jax.eval_shape(init_fn, rng, sample)
-  shardings = parallel.state_shardings(abstract, mesh, config.get('sharding_rules'),
-                                       config.get('fsdp_min_size', parallel.FSDP_MIN_SIZE))
+  # checked first; damaged checkpoints skipped), or created already sharded. Nothing has
+  # compiled yet.
   checkpointer = ckpt_lib.Checkpointer(workdir, config, config.checkpoint_every_steps,
                                        config.keep_checkpoints,
                                        config.get('async_checkpointing', True))
-  state, meta = checkpointer.resume(
-      jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                   abstract, shardings))
+  state, meta = checkpointer.resume(setup.abstract_state)
   if state is None:
-    state = jax.jit(init_fn, out_shardings=shardings)(rng, sample)
+    state = setup.init(jax.random.key(config.seed))
   else:
     logging.info('Resumed from %s at step %d.', checkpointer.directory, meta['step'])
   # The divergence guard's reference: the parameter norm at step 0, kept with every save.
@@ -281,23 +158,18 @@ def _pretrain(config, workdir: str, watcher) -> dict:
                'devices.', num_params / 1e6, total_steps, steps_per_epoch, config.batch_size,
                jax.device_count())
 
-  # ---- The step.
-  train_step_jit = jax.jit(parallel.gather_parameters(step_fn, mesh),
-                           in_shardings=(shardings, data_sharding),
-                           out_shardings=(shardings, replicated), donate_argnums=0)
-
   # ---- Evaluators.
   evaluate = None
   knn_every = int(round(config.eval.knn_every_epochs * steps_per_epoch)) if config.eval.knn_every_epochs else 0
   if knn_every or config.eval.get('knn_at_end', True):
     eval_source = sources.get_source(config.data, config.data.eval_split)
-    evaluate = knn_evaluator(config, method, mesh, train_source, eval_source)
+    evaluate = knn_evaluator(config, setup.method, mesh, train_source, eval_source)
 
   # ---- Data, positioned at the step we resume from (batches are a function of (seed, step)).
   d = config.data
   # The host reads, decodes and crops; the devices finish the views (jitter, blur, ...).
   batches = pipeline.train_batches(
-      train_source, sharding=data_sharding, global_batch=config.batch_size, seed=config.seed,
+      train_source, sharding=setup.batch_sharding, global_batch=config.batch_size, seed=config.seed,
       start_step=start_step, image_size=d.image_size, recipe=d.recipe,
       crop_scale=tuple(d.crop_scale), mean=d.mean, std=d.std,
       augment_overrides={k: tuple(v) if isinstance(v, (list, tuple)) else v
@@ -316,6 +188,7 @@ def _pretrain(config, workdir: str, watcher) -> dict:
   pending, last, summary = [], None, {}
   t_log, step_log = time.time(), start_step
   input_wait = 0.0  # seconds the loop spent blocked on the input since the last log
+  layer_groups = setup.layer_groups
   check = functools.partial(check_divergence, layer_groups=layer_groups, guard=config.divergence,
                             start_param_norm=start_param_norm,
                             checkpoint_dir=checkpointer.directory)
@@ -339,7 +212,7 @@ def _pretrain(config, workdir: str, watcher) -> dict:
           t_wait = time.time()
           batch = next(batches)
           input_wait += time.time() - t_wait
-          state, metrics = train_step_jit(state, batch)
+          state, metrics = setup.step(state, batch)
         pending.append(metrics)
         # Check the previous step: the host stays one step behind the device.
         if last is not None:

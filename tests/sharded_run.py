@@ -54,15 +54,9 @@ def run(c, mesh, steps: int = STEPS):
   """(state, losses, compiled step): `steps` steps of the trainer's jitted step."""
   import jax
   import jax.numpy as jnp
-  from mocojax import parallel, train
-  _, step_fn, init_fn, _ = train.build(c, steps_per_epoch=10, channels=1)
-  sample, rng = jnp.zeros((1, 28, 28, 1)), jax.random.key(0)
-  abstract = jax.eval_shape(init_fn, rng, sample)
-  shardings = parallel.state_shardings(abstract, mesh, c.sharding_rules, c.fsdp_min_size)
-  state = jax.jit(init_fn, out_shardings=shardings)(rng, sample)
-  data = parallel.batch_sharding(mesh)
-  step = jax.jit(parallel.gather_parameters(step_fn, mesh), in_shardings=(shardings, data),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  from mocojax import step as step_lib
+  setup = step_lib.setup(c, mesh, steps_per_epoch=10, channels=1)
+  state, step, data = setup.init(jax.random.key(0)), setup.step, setup.batch_sharding
   losses, compiled = [], None
   for host_batch in batches()[:steps]:
     rows = _local_rows(data, host_batch['view1'].shape)

@@ -25,6 +25,7 @@ import pytest
 from mocojax import checkpoint as ckpt_lib
 from mocojax import metrics_log
 from mocojax import preemption
+from mocojax import step as step_lib
 from mocojax import train
 from mocojax import workdir_lock
 
@@ -361,7 +362,7 @@ def test_per_layer_gradient_norms_equal_a_direct_computation(tiny_config):
   from mocojax import models
   from mocojax import momentum as momentum_lib
   c = tiny_config
-  method, step_fn, init_fn, _ = train.build(c, steps_per_epoch=10, channels=1)
+  method, step_fn, init_fn, _ = step_lib.build(c, steps_per_epoch=10, channels=1)
   groups = step_fn.keywords['layer_groups']
   state = jax.jit(init_fn)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   batch = {f'view{v}': jax.random.normal(jax.random.key(v), (32, 28, 28, 1)) for v in (1, 2)}

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from configs import common
 from mocojax import methods, optim, parallel, train
+from mocojax import step as step_lib
 from mocojax.methods import mocov1v2
 from mocojax.models import norm
 
@@ -95,7 +96,7 @@ def test_queue_size_and_bn_groups_are_checked_before_compiling():
   with pytest.raises(ValueError, match=r'queue_size=72 .*batch_size=16.*queue_size=64'):
     methods.build_method(c)
   with pytest.raises(ValueError, match='queue_size=72'):
-    train.build(c, steps_per_epoch=10, channels=1)
+    step_lib.build(c, steps_per_epoch=10, channels=1)
   c = _config(symmetric=True)
   c.queue_size = 48  # a multiple of 16 but not of the 32 keys a symmetric step enqueues
   with pytest.raises(ValueError, match='queue_size=48.*2 x batch_size=16'):
@@ -191,7 +192,7 @@ def test_query_bn_groups_are_consecutive_samples_not_permuted(tiny):
 # ----------------------------------------------------------------------------- 1 vs 8 devices
 def _steps_on_mesh(config, devices, state, batch, steps=2):
   mesh = Mesh(np.array(devices), ('data',))
-  _, step_fn, _, _ = train.build(config, steps_per_epoch=10, channels=1)
+  _, step_fn, _, _ = step_lib.build(config, steps_per_epoch=10, channels=1)
   rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   state, batch = jax.device_put(state, rep), jax.device_put(batch, data)
   step = jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep))
@@ -208,7 +209,7 @@ def test_eight_devices_equal_one_device():
   c = _config(version=1)
   c.batch_size, c.queue_size, c.model.bn_group_size = 32, 64, 8  # a BN group spans 2 devices
   batch = {'view1': np.asarray(_images(1, 32)), 'view2': np.asarray(_images(2, 32))}
-  _, _, init_fn, _ = train.build(c, steps_per_epoch=10, channels=1)
+  _, _, init_fn, _ = step_lib.build(c, steps_per_epoch=10, channels=1)
   state = jax.device_get(jax.jit(init_fn)(KEY, jnp.zeros((1, 8, 8, 1))))  # one init for both
   s1, m1 = _steps_on_mesh(c, jax.devices()[:1], state, batch)
   s8, m8 = _steps_on_mesh(c, jax.devices()[:8], state, batch)

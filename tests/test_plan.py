@@ -66,3 +66,27 @@ def test_launch_scripts_pass_shellcheck():
   out = subprocess.run(['shellcheck', *[os.path.join(LAUNCH, s) for s in SCRIPTS + ('lib.sh',)]],
                        capture_output=True, text=True)
   assert out.returncode == 0, out.stdout
+
+
+# Runs a script with tensorflow and clu made unimportable, as on a GPU machine that lacks them.
+_WITHOUT_TF_AND_CLU = '''
+import importlib.abc, runpy, sys
+class Blocker(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'clu', 'tensorflow_datasets'):
+      raise ImportError(f'{name} is blocked')
+sys.meta_path.insert(0, Blocker())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def test_step_bench_runs_without_tensorflow_or_clu():
+  """The step (step.setup) and its bench import neither: the lent GPU machines have neither."""
+  out = subprocess.run(
+      [sys.executable, '-c', _WITHOUT_TF_AND_CLU, os.path.join(ROOT, 'bench', 'train_step.py'),
+       '--models=demo', '--batch=16', '--steps=1', '--warmup=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r'\| demo \| 16 \| 2 \|', out.stdout), out.stdout[-2000:]

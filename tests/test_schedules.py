@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from mocojax import momentum, optim
+from mocojax import step as step_lib
 
 
 def test_lr_schedule_endpoints_and_batch_scaling(tiny_config):
@@ -36,8 +37,7 @@ def test_momentum_schedule_endpoints():
 
 
 def _train_a_few_steps(config, steps=4):
-  from mocojax import train
-  method, step_fn, init_fn, _ = train.build(config, steps_per_epoch=10, channels=1)
+  method, step_fn, init_fn, _ = step_lib.build(config, steps_per_epoch=10, channels=1)
   state = jax.jit(init_fn)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   step = jax.jit(step_fn)
   history = [state]

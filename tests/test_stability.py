@@ -21,8 +21,8 @@ def _noisy(steps, seed=0):
 
 
 def _inject(series, start, lag, factor=30.0, width=3):
-  """A spike rising in the patch projection at step `start` (row start - 1) and in each block after it, reaching
-  the last block `lag` steps later; each group stays high for `width` steps."""
+  """A spike rising in the patch projection at step `start` (row start - 1) and in each block
+  after it, reaching the last block `lag` steps later; each group stays high for `width` steps."""
   out = series.copy()
   hit = [0, 2, 3, 4, 5]  # patch_embed, then blocks_0 .. blocks_3
   for n, g in enumerate(hit):

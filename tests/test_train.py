@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import Mesh
 
 from mocojax import parallel, train
+from mocojax import step as step_lib
 
 FMNIST = '/usr/share/datasets/fashion-mnist'
 needs_fmnist = pytest.mark.skipif(
@@ -19,14 +20,12 @@ needs_fmnist = pytest.mark.skipif(
 
 def _step_on_mesh(config, devices, batch):
   mesh = Mesh(np.array(devices), ('data',))
-  _, step_fn, init_fn, _ = train.build(config, steps_per_epoch=10, channels=1)
-  rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  state = jax.jit(init_fn, out_shardings=rep)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-  batch = jax.device_put(batch, data)
-  step = jax.jit(step_fn, in_shardings=(rep, data), out_shardings=(rep, rep))
+  setup = step_lib.setup(config, mesh, steps_per_epoch=10, channels=1)
+  state = setup.init(jax.random.key(0))
+  batch = jax.device_put(batch, setup.batch_sharding)
   metrics = []
   for _ in range(3):
-    state, m = step(state, batch)
+    state, m = setup.step(state, batch)
     metrics.append(jax.device_get(m))
   return state, metrics
 
@@ -42,7 +41,7 @@ def test_eight_devices_equal_one_device(tiny_config):
   batch = {f'view{v}': np.asarray(jax.random.normal(jax.random.key(v), (32, 28, 28, 1)))
            for v in (1, 2)}
   # The gradients themselves, leaf by leaf, from one state on both layouts.
-  method, step_fn, init_fn, _ = train.build(c, steps_per_epoch=10, channels=1)
+  method, step_fn, init_fn, _ = step_lib.build(c, steps_per_epoch=10, channels=1)
   grads = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
     mesh = Mesh(np.array(devices), ('data',))
@@ -137,7 +136,7 @@ def test_online_probe_learns_without_touching_the_encoder(tiny_config):
   c.warmup_epochs, c.optimizer.base_lr, c.online_probe.lr = 0.0, 1e-2, 1e-1
   states = {}
   for classes in (0, 3):  # 0: no probe
-    _, step_fn, init_fn, _ = train.build(c, steps_per_epoch=10, channels=1, num_classes=classes)
+    _, step_fn, init_fn, _ = step_lib.build(c, steps_per_epoch=10, channels=1, num_classes=classes)
     state = jax.jit(init_fn)(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     step = jax.jit(step_fn)
     for i in range(3):

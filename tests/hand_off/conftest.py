@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mocojax import checkpoint as ckpt_lib
-from mocojax import train
+from mocojax import step as step_lib
 from mocojax.data.sources import Source
 
 RUN_STEP = 7  # the step the fixtures' checkpoints are saved at
@@ -38,7 +38,7 @@ def write_pretraining_run(config, workdir, step: int = RUN_STEP, random_values=F
   `random_values` skips the init (slow for a ResNet on CPU) and saves random values of the
   right shapes, BN running statistics included. Returns the saved TrainState.
   """
-  _, _, init_fn, _ = train.build(config, steps_per_epoch=10, channels=1)
+  _, _, init_fn, _ = step_lib.build(config, steps_per_epoch=10, channels=1)
   size = config.data.image_size
   args = (jax.random.key(config.seed), jnp.zeros((1, size, size, 1)))
   state = _random_like(jax.eval_shape(init_fn, *args)) if random_values else init_fn(*args)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from mocojax import train
+from mocojax import step as step_lib
 from mocojax.hand_off import encoder
 from mocojax.models import vit as vit_lib
 
@@ -36,7 +36,7 @@ def test_export_then_load_gives_identical_features(pretraining_run, tiny_config,
   assert set(variables['params']) == set(saved.params['backbone'])
 
   x = _images()
-  method, _, _, _ = train.build(tiny_config, steps_per_epoch=10, channels=1)
+  method, _, _, _ = step_lib.build(tiny_config, steps_per_epoch=10, channels=1)
   reference = jax.jit(method.features)({'params': saved.params, 'batch_stats': saved.batch_stats},
                                        x)
   loaded = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
