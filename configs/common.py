@@ -52,7 +52,7 @@ def mocov3_vit(variant: str = 'base', patch_size: int = 16) -> ml_collections.Co
           crop_ratio=ml_collections.config_dict.placeholder(tuple)))))
 
   c.eval = ml_collections.ConfigDict(dict(
-      knn_every_epochs=10, knn_at_end=True, knn_ks=(20, 200), knn_temperature=0.07,
+      knn_every_epochs=10.0, knn_at_end=True, knn_ks=(20, 200), knn_temperature=0.07,
       batch_size=1024))
 
   # A linear classifier on stop-gradient features, trained alongside (needs labels).
@@ -62,6 +62,12 @@ def mocov3_vit(variant: str = 'base', patch_size: int = 16) -> ml_collections.Co
   # parameter norm, or the parameter norm grows past max_param_norm_growth x its value at step
   # 0 (a NaN or inf in the loss or a gradient always stops it); 0 turns a guard off.
   c.divergence = ml_collections.ConfigDict(dict(max_update_ratio=1.0, max_param_norm_growth=10.0))
+
+  # The instability alarm (stability.py): a layer group's gradient infinity-norm above
+  # spike_factor x its running median is a spike (followed to the last block for
+  # spike_horizon steps); a kNN top-1 more than dip_points below the best so far is a dip.
+  c.stability = ml_collections.ConfigDict(dict(
+      spike_factor=5.0, spike_window=100, spike_warmup=10, spike_horizon=50, dip_points=1.0))
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000

@@ -28,6 +28,7 @@ from etils import epath
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'eval',
                      'data.data_dir', 'async_checkpointing', 'plot', 'stop_after_steps',
                      'divergence',  # loosened to carry a run on past a false alarm
+                     'stability',   # alarm thresholds only read the metrics
                      # the layout: a run may resume on another mesh (orbax reshards)
                      'mesh', 'sharding_rules', 'fsdp_min_size',
                      # fine-tuning and probe configs name theirs differently

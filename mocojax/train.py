@@ -23,6 +23,7 @@ from mocojax import checkpoint as ckpt_lib
 from mocojax import metrics_log as metrics_log_lib
 from mocojax import parallel
 from mocojax import preemption
+from mocojax import stability
 from mocojax import step as step_lib
 from mocojax import validate
 from mocojax import workdir_lock
@@ -194,9 +195,24 @@ def _pretrain(config, workdir: str, watcher) -> dict:
                             checkpoint_dir=checkpointer.directory)
   checked = ('loss', 'param_norm', 'update_norm', 'grad_inf')
 
+  # The instability alarm reads the rows as they are written; a resumed run first replays the
+  # rows it keeps (their alarms were raised before).
+  alarm = None
+  if primary:
+    alarm = stability.Alarm.from_config(config.get('stability'), layer_groups)
+    alarm.replay(metrics_log_lib.read_rows(metrics_log.path))
+
+  def raise_alarms(step, events):
+    for e in events:
+      logging.warning('Instability: %s', e.message)
+      writer.write_scalars(step, e.scalars(layer_groups))
+      metrics_log.write(step, e.scalars(layer_groups))
+
   def write(step, scalars):
     writer.write_scalars(step, scalars)
     metrics_log.write(step, scalars)
+    if alarm is not None:
+      raise_alarms(step, alarm.observe(step, scalars))
 
   def scalars_of(metrics):
     """Host scalars of one step; the per-layer vector becomes one scalar per layer group."""
@@ -225,7 +241,10 @@ def _pretrain(config, workdir: str, watcher) -> dict:
 
         if step % config.log_every_steps == 0 or final:
           host = [scalars_of(m) for m in jax.device_get(pending)]
-          scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+          # Means over the interval, but gradient infinity-norms keep their maximum: a one-step
+          # spike stays visible (and alarms) however many steps a log row covers.
+          scalars = {k: float((np.max if k.startswith(('grad_inf/', 'grad_max/')) else np.mean)(
+              [m[k] for m in host])) for k in host[0]}
           dt = time.time() - t_log
           scalars['images_per_sec'] = (step - step_log) * config.batch_size / max(dt, 1e-9)
           # Share of the wall time the loop waited for input while the device ran the previous
@@ -257,6 +276,8 @@ def _pretrain(config, workdir: str, watcher) -> dict:
           write(step, scalars)
           summary.update(scalars)
           t_log, input_wait = time.time(), 0.0  # evaluation time does not count against images/s
+        if at_end and alarm is not None:
+          raise_alarms(step, alarm.finish())  # a spike still being followed
   except BaseException:
     # Wait for a save in flight, but never let its error hide the one that stopped the run.
     try:

@@ -182,6 +182,13 @@ def _run(p):
   p.need('checkpoint_every_steps', _positive_int, 'must be a positive integer', 'e.g. 1000')
   p.need('keep_checkpoints', lambda v: _integer(v) and v >= 1,
          'must be >= 1 (0 keeps no checkpoint, so a rerun cannot resume)', 'e.g. 3')
+  p.need('stability.spike_factor', lambda v: _number(v) and v > 1,
+         'must be > 1 (a spike is this many times a running median)', 'e.g. 5.0')
+  for key in ('spike_window', 'spike_horizon'):
+    p.need(f'stability.{key}', _positive_int, 'must be a positive integer', 'e.g. 100')
+  p.need('stability.spike_warmup', lambda v: _integer(v) and v >= 0,
+         'must be an integer >= 0', 'e.g. 10')
+  p.need('stability.dip_points', _positive, 'must be > 0 (accuracy points, x 100)', 'e.g. 1.0')
   p.need('divergence.max_update_ratio', _non_negative,
          'must be >= 0 (a bound on update norm / parameter norm; 0 turns it off)', 'e.g. 1.0')
   p.need('divergence.max_param_norm_growth', lambda v: v == 0 or (_number(v) and v > 1),
