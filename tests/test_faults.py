@@ -24,6 +24,7 @@ import pytest
 
 from mocojax import checkpoint as ckpt_lib
 from mocojax import metrics_log
+from mocojax import parallel
 from mocojax import preemption
 from mocojax import step as step_lib
 from mocojax import train
@@ -350,12 +351,24 @@ def test_divergence_check_names_the_step_and_the_first_bad_layer():
 @needs_fmnist
 def test_a_diverging_run_stops_before_saving(tiny_config, tmp_path):
   c = tiny_config
-  c.total_steps, c.warmup_epochs, c.optimizer.base_lr = 6, 0.0, 1e3
-  c.checkpoint_every_steps, c.eval.knn_at_end, c.online_probe.enabled = 2, False, False
-  with pytest.raises(train.DivergenceError, match=r'Step 1 diverged: the update norm'):
+  # The lr warms up to 1.0 over 20 steps: a few steps in, one update outgrows the parameters,
+  # while the asynchronous save of the step before is still being written.
+  c.total_steps, c.optimizer.base_lr = 30, 8.0
+  c.warmup_epochs = 20 / (60_000 // c.batch_size)
+  c.checkpoint_every_steps, c.eval.knn_at_end, c.online_probe.enabled = 1, False, False
+  with pytest.raises(train.DivergenceError,
+                     match=r'Step \d+ diverged: the (update|parameter) norm') as e:
     train.train_and_evaluate(c, str(tmp_path))
-  assert not os.listdir(tmp_path / 'checkpoints')
+  diverged = int(str(e.value).split()[1])
+  assert diverged >= 2
+  saved = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  assert saved and max(saved) < diverged  # the saves before it finished; none of it
   assert not (tmp_path / 'run.lock').exists()
+  c = ckpt_lib.Checkpointer(tmp_path, c, every_steps=1, keep=3)
+  state, meta = c.resume(step_lib.setup(
+      tiny_config, parallel.make_mesh(), 10, 1).abstract_state)
+  assert meta['step'] == max(saved) == int(state.step)
+  c.close()
 
 
 def test_per_layer_gradient_norms_equal_a_direct_computation(tiny_config):
