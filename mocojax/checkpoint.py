@@ -23,6 +23,8 @@ from jax.experimental import multihost_utils
 from absl import logging
 from etils import epath
 
+from mocojax import parallel
+
 # Settings that may change between a run and its resumption: they do not change the
 # trajectory (how often to log, evaluate or save, where the data files live).
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'eval',
@@ -96,7 +98,7 @@ def fingerprint(state) -> tuple:
   paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
   sums, bad = {}, []
   for path, s, finite in zip(paths, all_sums, all_finite):
-    name = jax.tree_util.keystr(path, simple=True, separator='/')
+    name = parallel.path_name(path)
     sums[name] = [int(v) for v in s]
     if not finite:
       bad.append(name)
@@ -228,7 +230,8 @@ class Checkpointer:
     """Starts saving `state` (async unless disabled); `run` is small JSON to keep with it."""
     sums, bad = fingerprint(state)
     if bad:
-      raise FloatingPointError(f'Not saving step {step}: non-finite values in {", ".join(bad[:3])}.')
+      raise FloatingPointError(
+          f'Not saving step {step}: non-finite values in {", ".join(bad[:3])}.')
     meta = dict(step=int(step), data=data_position, config=run_defining(self.config),
                 checksums=sums, run=run or {})
     return self.manager.save(

@@ -11,6 +11,8 @@ zero update: optax would otherwise apply weight decay to a parameter whose gradi
 import jax
 import optax
 
+from mocojax import parallel
+
 OPTIMIZERS = ('adamw', 'lamb', 'lars', 'sgd')
 
 
@@ -42,14 +44,11 @@ def learning_rate_schedule(config, steps_per_epoch: int):
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, 0.0)
 
 
-def _path_name(path) -> str:
-  return '/'.join(str(getattr(p, 'key', p)) for p in path)
-
-
 def frozen_labels(params, frozen_prefixes):
   """'frozen' for parameters under any of the given path prefixes, 'train' otherwise."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: 'frozen' if any(_path_name(path).startswith(p) for p in frozen_prefixes)
+      lambda path, _: 'frozen' if any(parallel.path_name(path).startswith(p)
+                                      for p in frozen_prefixes)
       else 'train', params)
 
 

@@ -50,7 +50,7 @@ def _max_abs_under(tree, prefix: str):
   """Infinity-norm of the leaves at or under `prefix`; NaN (or inf) if any of them has one."""
   prefix = prefix.rstrip('/')
   leaves = [jnp.max(jnp.abs(x)) for path, x in jax.tree_util.tree_leaves_with_path(tree)
-            if (name := optim._path_name(path)) == prefix or name.startswith(prefix + '/')]
+            if (name := parallel.path_name(path)) == prefix or name.startswith(prefix + '/')]
   return jnp.max(jnp.stack(leaves)) if leaves else jnp.float32(jnp.nan)
 
 

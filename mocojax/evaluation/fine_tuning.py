@@ -63,10 +63,6 @@ class FineTuneState:
   opt_state: Any
 
 
-def _path_name(path) -> str:
-  return '/'.join(str(getattr(p, 'key', p)) for p in path)
-
-
 def vit_layer_id(name: str, depth: int) -> int:
   """Layer index of a Classifier parameter path for layer-wise lr decay (0 .. depth + 1)."""
   if re.match(r'backbone/(patch_embed|cls_token|pos_embed)(/|$)', name):
@@ -86,13 +82,14 @@ def layer_scales(params, backbone: nn.Module, layer_decay: float):
                      f'set layer_decay=1.0 for {type(backbone).__name__}.')
   depth = backbone.depth
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: float(layer_decay**(depth + 1 - vit_layer_id(_path_name(path), depth))),
+      lambda path, _: float(
+          layer_decay**(depth + 1 - vit_layer_id(parallel.path_name(path), depth))),
       params)
 
 
 def weight_decay_mask(params):
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim > 1 and _path_name(path).split('/')[-1] not in _NO_DECAY_NAMES,
+      lambda path, p: p.ndim > 1 and parallel.path_name(path).split('/')[-1] not in _NO_DECAY_NAMES,
       params)
 
 

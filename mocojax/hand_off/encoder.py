@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from mocojax import models
+from mocojax import models, parallel
 from mocojax.hand_off import pretraining_run, torch_layout
 from mocojax.models import resnet as resnet_lib
 from mocojax.models import vit as vit_lib
@@ -43,12 +43,8 @@ _TRAINING_ONLY = {'stop_grad_patch_embed': False, 'remat': False}
 _MAX_LISTED = 20
 
 
-def _path_name(path) -> str:
-  return '/'.join(str(getattr(p, 'key', p)) for p in path)
-
-
 def _flat(tree) -> dict:
-  return {_path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return {parallel.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def input_channels(module: nn.Module, params, mean: Sequence[float]) -> int:
