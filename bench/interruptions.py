@@ -8,7 +8,9 @@ choice of SIGKILL (nothing can be saved: the restart falls back to the last peri
 SIGTERM (the trainer finishes its step, saves it and exits 143), restarted after each, and
 finally run to the end. Prints, per interruption, the signal, the last step logged before it,
 the step the restart resumed from and the steps lost; then whether metrics.jsonl holds each
-step once with the reference's losses and whether the final state is bit-identical.
+step once with the reference's losses and whether the final state is bit-identical. Each signal
+is sent once the restarted run has logged a step of its own, i.e. during training (a signal
+during start-up, before any step, has nothing to lose).
 """
 
 import argparse
@@ -105,7 +107,9 @@ def main():
   lost = {'SIGKILL': [], 'SIGTERM': []}
   for i in range(a.n):
     resume = saved_steps(run)[-1] if saved_steps(run) else 0
-    target = min(a.steps - 1, resume + rng.randint(3, 2 * a.every))
+    # Past every row already in metrics.jsonl (a SIGKILLed run leaves rows after its last
+    # save until the restart drops them): a row at `target` is then this run's own.
+    target = min(a.steps - 1, max(resume, last_logged(run)) + rng.randint(3, 2 * a.every))
     sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
     p = start(run, args)
     while last_logged(run) < target and p.poll() is None:

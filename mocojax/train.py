@@ -161,7 +161,7 @@ def _pretrain(config, workdir: str, watcher) -> dict:
 
   # ---- Evaluators.
   evaluate = None
-  knn_every = int(round(config.eval.knn_every_epochs * steps_per_epoch)) if config.eval.knn_every_epochs else 0
+  knn_every = int(round(config.eval.knn_every_epochs * steps_per_epoch))
   if knn_every or config.eval.get('knn_at_end', True):
     eval_source = sources.get_source(config.data, config.data.eval_split)
     evaluate = knn_evaluator(config, setup.method, mesh, train_source, eval_source)
@@ -170,8 +170,8 @@ def _pretrain(config, workdir: str, watcher) -> dict:
   d = config.data
   # The host reads, decodes and crops; the devices finish the views (jitter, blur, ...).
   batches = pipeline.train_batches(
-      train_source, sharding=setup.batch_sharding, global_batch=config.batch_size, seed=config.seed,
-      start_step=start_step, image_size=d.image_size, recipe=d.recipe,
+      train_source, sharding=setup.batch_sharding, global_batch=config.batch_size,
+      seed=config.seed, start_step=start_step, image_size=d.image_size, recipe=d.recipe,
       crop_scale=tuple(d.crop_scale), mean=d.mean, std=d.std,
       augment_overrides={k: tuple(v) if isinstance(v, (list, tuple)) else v
                          for k, v in d.augment.items() if v is not None})
