@@ -190,11 +190,11 @@ def profile(root: str) -> list:
 
   def crops(i):
     image, u = decode(i), uniforms(i)
-    return tf.stack([augment.random_resized_crop(image, u[v], 224) for v in range(2)])
+    return augment.random_resized_crops(image, u, 224, [(0.08, 1.0)] * 2, [(3 / 4, 4 / 3)] * 2)
 
   rows = [('read + decode', tf_stage(lambda i: decode(i)[:1, :1]))]
   rows.append(('crop windows (2 views)', tf_stage(windows) - rows[0][1]))
-  rows.append(('resize to 224, uint8 (2 views)', tf_stage(crops) - rows[0][1] - rows[1][1]))
+  rows.append(('crop + resize to 224, uint8, in PIL (2 views)', tf_stage(crops) - rows[0][1] - rows[1][1]))
 
   # Device ops, one view's spec with a single op switched on, image by image as on CPUs.
   rng = np.random.default_rng(0)

@@ -73,25 +73,53 @@ def test_crop_scale_is_configurable():
   assert area.min() >= 0.45 and area.max() <= 0.66
 
 
-def test_crop_resizes_with_antialiasing_like_pil():
-  """Downscaling averages (antialiasing); upscaling is bilinear, for which the cheaper
-  non-antialiased kernel is used: both match tf.image.resize(antialias=True)."""
-  image = _image(hw=40)
-  for h, w, size in ((40, 40, 10), (10, 12, 30), (30, 8, 16)):
-    out = augment.resized_crop(image, 3 if h < 40 else 0, 5 if w < 40 else 0, h, w, size)
-    crop = tf.cast(image, tf.float32)[3 if h < 40 else 0:, 5 if w < 40 else 0:][:h, :w]
-    want = tf.image.resize(crop, [size, size], antialias=True).numpy()
-    got = out.numpy().astype(np.float32)
-    assert np.abs(got - want).max() <= 0.5 + 1e-3  # rounded to the nearest grey level
-  # A checkerboard downscaled 4x with antialiasing is flat grey, not aliased.
+def _pil_crop(image, top, left, h, w, size):
+  """The reference's call: torchvision's resized_crop on a PIL image."""
+  from PIL import Image
+  pil = Image.fromarray(image.numpy().squeeze(-1) if image.shape[-1] == 1 else image.numpy())
+  out = np.asarray(pil.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR))
+  return out.reshape(size, size, -1)
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_crops_are_the_reference_pil_pixels(channels):
+  """Both views of one image in one call, inside a tf.data map: PIL's pixels exactly, and
+  tf.image.resize(antialias=True)'s to a grey level (the same filter; PIL rounds between its
+  two passes)."""
+  image = _image(hw=40, channels=channels)
+  boxes = [(0, 0, 40, 40, 10), (3, 5, 10, 12, 30), (3, 5, 30, 8, 16), (7, 2, 33, 29, 24)]
+  for size in (10, 16, 30):
+    ds = tf.data.Dataset.from_tensors(image).map(
+        lambda x: augment.resized_crops(x, tf.constant([b[:4] for b in boxes]), size))
+    got = next(iter(ds)).numpy()
+    assert got.shape == (len(boxes), size, size, channels) and got.dtype == np.uint8
+    for v, (top, left, h, w, _) in enumerate(boxes):
+      np.testing.assert_array_equal(got[v], _pil_crop(image, top, left, h, w, size))
+      crop = tf.cast(image, tf.float32)[top:top + h, left:left + w]
+      want = tf.image.resize(crop, [size, size], antialias=True).numpy()
+      assert np.abs(got[v].astype(np.float32) - want).max() <= 1.0
+
+
+def test_crop_never_reads_outside_its_window():
+  """Crop, then resize (torchvision): the filter does not reach pixels past the window's edge,
+  which PIL's resize(box=...) would."""
+  image = np.full((40, 40, 3), 255, np.uint8)
+  image[10:30, 5:25] = 0
+  out = augment.resized_crops(tf.constant(image), tf.constant([[10, 5, 20, 20]]), 7).numpy()
+  assert out.max() == 0
+
+
+def test_crop_resizes_with_antialiasing():
+  """A checkerboard downscaled 4x is flat grey, not aliased."""
   board = tf.constant(np.kron(np.indices((16, 16)).sum(0) % 2, np.ones((1, 1)))[..., None] *
                       255, tf.uint8)
-  flat = augment.resized_crop(board, 0, 0, 16, 16, 4).numpy()
+  flat = augment.resized_crops(board, tf.constant([[0, 0, 16, 16]]), 4)[0].numpy()
   assert np.abs(flat.astype(int) - 128).max() <= 1
 
 
 def test_batched_crop_matches_per_example_crop():
-  """The matmul crop used per step equals slice + tf.image.resize to a grey level."""
+  """The matmul crop used per step (in-memory images) equals the per-example PIL crop to a grey
+  level."""
   images = tf.stack([_image(hw=20, seed=i) for i in range(16)])
   u = tf.random.stateless_uniform([16, augment.CROP_UNIFORMS], [0, 1])
   for size in (12, 20, 32):  # down-, same- and up-scaling
@@ -105,4 +133,9 @@ def test_resize_shorter_and_center_crop():
   image = _image(hw=20)[:, :16]  # 20 x 16
   out = augment.resize_shorter(image, 8)
   assert out.shape == (10, 8, 3) and out.dtype == tf.uint8
+  from PIL import Image
+  want = np.asarray(Image.fromarray(image.numpy()).resize((8, 10), Image.BILINEAR))
+  np.testing.assert_array_equal(out.numpy(), want)  # torchvision Resize(8) on PIL
   assert augment.center_crop(out, 8).shape == (8, 8, 3)
+  batch = augment.resize_shorter(tf.stack([image, image[::-1]]), 8).numpy()
+  np.testing.assert_array_equal(batch[0], out.numpy())

@@ -90,10 +90,10 @@ def test_hosts_get_disjoint_slices_of_the_same_global_batch():
 
 
 def test_per_example_path_matches_per_step_path():
-  """Sources without batched lookup (image files) crop per example with
-  tf.image.resize; in-memory ones crop a whole step with matmuls. Same
-  uniforms, same windows, so the crops agree to one grey level (float
-  rounding may tip the rounding to uint8), and almost all exactly."""
+  """Sources without batched lookup (image files) crop per example with PIL;
+  in-memory ones crop a whole step with matmuls. Same uniforms, same
+  windows, same filter, so the crops agree to one grey level (PIL rounds
+  to uint8 between its two passes, the matmuls once), most exactly."""
   source = _indexed_source()
   per_example = dataclasses.replace(source, batched_lookup=False)
   for a, b in zip(_take(_train(source), 3), _take(_train(per_example), 3)):
@@ -101,7 +101,7 @@ def test_per_example_path_matches_per_step_path():
       np.testing.assert_array_equal(a[key], b[key])
     for key in ('view1', 'view2'):
       diff = np.abs(a[key].astype(int) - b[key].astype(int))
-      assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+      assert diff.max() <= 1 and (diff == 0).mean() > 0.8
 
 
 def test_seed_changes_order_and_augmentation():
@@ -157,10 +157,11 @@ def test_eval_passes_through_native_size_and_crops_larger():
     outputs.append(batch['image'])
   assert outputs[0].shape == (4, SIZE, SIZE, 3)
   np.testing.assert_array_equal(outputs[0], outputs[1])
-  images = big.lookup(tf.range(4))['image'].numpy().astype(np.float32)
-  resized = tf.image.resize(images, [9, 9], antialias=True).numpy()
-  np.testing.assert_array_equal(
-      outputs[0], np.clip(np.round(resized[:, 0:8, 0:8]), 0, 255))
+  # torchvision Resize(9) + CenterCrop(8) on PIL images, as the reference.
+  from PIL import Image
+  for image, got in zip(big.lookup(tf.range(4))['image'].numpy(), outputs[0]):
+    resized = np.asarray(Image.fromarray(image).resize((9, 9), Image.BILINEAR))
+    np.testing.assert_array_equal(got, resized[0:8, 0:8])
 
 
 def test_eval_batches_normalise_on_the_device():

@@ -169,10 +169,12 @@ def train_dataset(source: Source, *, global_batch: int, seed: int,
 
     def load_example(step, row, index, u):
       example = source.lookup(index)  # one read and one decode for both views
-      views = {f'view{v + 1}': augment.random_resized_crop(
-          example['image'], u[v], **crop_args(v)) for v in range(2)}
-      return dict(views, label=tf.cast(example['label'], tf.int32),
-                  step=step, row=row)
+      views = augment.random_resized_crops(
+          example['image'], u, image_size,
+          [s.crop_scale for s in specs], [s.crop_ratio for s in specs])
+      return dict(view1=views[0], view2=views[1],
+                  label=tf.cast(example['label'], tf.int32), step=step,
+                  row=row)
 
     ds = steps.flat_map(explode)
     ds = ds.map(load_example, num_parallel_calls=num_parallel_calls,
