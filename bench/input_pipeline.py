@@ -10,7 +10,9 @@ The two-view `mocov3` stream is built exactly as the trainer builds it:
   * device: `photometric.two_views` (jitter, grayscale, blur, solarize, flip, normalise) on a
     batch already on the device, in the schedule the backend gets (image by image on CPUs);
   * end to end: `pipeline.train_batches`, both halves as the trainer runs them, each batch
-    waited for. On a CPU-only machine the "device" is the same CPU, so this figure counts the
+    waited for;
+  * evaluation input: `pipeline.eval_dataset` (resize the shorter side, centre crop; the kNN
+    bank's and the probe's input), host only. On a CPU-only machine the "device" is the same CPU, so this figure counts the
     device half honestly on the same cores; it is the figure to compare with a CPU loader.
 Sources:
   * `jpeg224`: an image folder of JPEG files (ImageNet-like sizes, 300-500 px, decoded on every
@@ -134,8 +136,14 @@ def measure(name: str) -> dict:
                                 image_size=kw['image_size'], crop_scale=kw['crop_scale'],
                                 **common)
   e2e_rate = _rate(both, batch, _SECONDS.value, jax.block_until_ready)
+
+  # Evaluation input (kNN bank, probe): resize the shorter side, centre crop, one view, on
+  # the host; normalised on the device. Repeated passes over the split.
+  evals = pipeline.eval_dataset(src, global_batch=batch, image_size=kw['image_size'],
+                                process_index=0, process_count=1).repeat()
+  eval_rate = _rate(evals.as_numpy_iterator(), batch, _SECONDS.value / 2)
   return dict(name=name, batch=batch, host=host_rate, device=device_rate, e2e=e2e_rate,
-              root=root, sample=sample, finish=finish)
+              eval=eval_rate, root=root, sample=sample, finish=finish)
 
 
 def device_cost(r: dict) -> dict:
@@ -260,7 +268,8 @@ def main(argv):
     rows.append(r)
     print(f'{name}: host half {r["host"]:,.1f}, device half {r["device"]:,.1f}, end to end '
           f'{r["e2e"]:,.1f} two-view images/s ({r["e2e"] / cores:,.1f} per core), batch '
-          f'{r["batch"]}', flush=True)
+          f'{r["batch"]}; evaluation input (one centre crop) {r["eval"]:,.1f} images/s '
+          f'({r["eval"] / cores:,.1f} per core)', flush=True)
 
   print('\n| source | host half, img/s per core | device half, img/s per core | end to end, '
         'img/s | end to end, per core |')
