@@ -28,20 +28,12 @@ _BANK = flags.DEFINE_string('bank_split', None, 'Bank split; default: the run\'s
 _QUERY = flags.DEFINE_string('query_split', None, 'Query split; default: the run\'s eval split.')
 
 
-def feature_name(model_config) -> str:
-  if model_config.name == 'resnet':
-    return 'ResNet global-average-pooled features'
-  pool = model_config.get('pool', 'cls')
-  return ('ViT [CLS] token after the final LayerNorm' if pool == 'cls'
-          else f'ViT {pool}-pooled tokens after the final LayerNorm')
-
-
 def evaluate(workdir: str, *, step=None, ks=None, temperature=None, batch_size=None,
              data_dir=None, bank_split=None, query_split=None, mesh=None) -> dict:
   """kNN top-1 of the run's checkpoint; returns the record written to knn/step_<N>.json."""
   import jax
 
-  from mocojax import parallel
+  from mocojax import models, parallel
   from mocojax.data import sources
   from mocojax.evaluation import features as features_lib
   from mocojax.evaluation import knn as knn_lib
@@ -68,7 +60,7 @@ def evaluate(workdir: str, *, step=None, ks=None, temperature=None, batch_size=N
   acc = knn_lib.knn_accuracy(bf, bl, qf, ql, num_classes=bank_source.num_classes, ks=ks,
                              temperature=temperature, mesh=mesh, bank_mask=bm, query_mask=qm)
   record = dict(step=backbone.step, top1={str(k): acc[k] for k in ks}, temperature=temperature,
-                feature=feature_name(config.model) + ', L2-normalised, inference mode',
+                feature=models.feature_name(config.model) + ', L2-normalised, inference mode',
                 bank=f'{d.name}:{bank_split} ({bank_source.num_examples}, centre crop)',
                 queries=f'{d.name}:{query_split} ({query_source.num_examples})')
   if jax.process_index() == 0:

@@ -11,7 +11,7 @@ zero update: optax would otherwise apply weight decay to a parameter whose gradi
 import jax
 import optax
 
-from mocojax import parallel
+from mocojax import models, parallel
 
 OPTIMIZERS = ('adamw', 'lamb', 'lars', 'sgd')
 
@@ -50,12 +50,6 @@ def frozen_labels(params, frozen_prefixes):
       lambda path, _: 'frozen' if any(parallel.path_name(path).startswith(p)
                                       for p in frozen_prefixes)
       else 'train', params)
-
-
-def frozen_prefixes(config):
-  if config.model.name == 'vit' and config.model.get('stop_grad_patch_embed', False):
-    return ('backbone/patch_embed',)
-  return ()
 
 
 def _not_1d(params):
@@ -98,7 +92,7 @@ def build_optimizer(config, params, steps_per_epoch: int):
   """Returns (optax transformation, lr schedule)."""
   lr = learning_rate_schedule(config, steps_per_epoch)
   tx = _base_optimizer(config, lr)
-  prefixes = frozen_prefixes(config)
+  prefixes = models.frozen_prefixes(config.model)
   if prefixes:
     labels = frozen_labels(params, prefixes)
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)

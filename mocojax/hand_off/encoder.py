@@ -26,7 +26,6 @@ import orbax.checkpoint as ocp
 
 from mocojax import models, parallel
 from mocojax.hand_off import pretraining_run, torch_layout
-from mocojax.models import resnet as resnet_lib
 from mocojax.models import vit as vit_lib
 
 FORMAT_VERSION = 'mocojax-encoder/1'
@@ -49,10 +48,9 @@ def _flat(tree) -> dict:
 
 def input_channels(module: nn.Module, params, mean: Sequence[float]) -> int:
   """Channels of the images the backbone was trained on."""
-  if isinstance(module, vit_lib.ViT):
-    return int(params['patch_embed']['kernel'].shape[2])  # [p, p, C, D]
-  if isinstance(module, resnet_lib.ResNet):
-    return int(params['conv1']['kernel'].shape[2])        # [k, k, C, width]
+  backbone = models.of_module(module)
+  if backbone is not None:
+    return backbone.input_channels(params)
   # Otherwise trust the normalisation, which the pipeline applies per channel.
   return len(mean)
 

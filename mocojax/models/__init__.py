@@ -1,4 +1,5 @@
-"""Backbones by name: `build_backbone(config.model)`."""
+"""Backbones by name (`model.name`), each declared once in its own module (models/backbone.py),
+and the layer groups of a parameter tree."""
 
 import re
 
@@ -6,26 +7,32 @@ import jax.numpy as jnp
 
 from mocojax.models import resnet as resnet_lib
 from mocojax.models import vit as vit_lib
+from mocojax.models.backbone import Backbone
 
-BACKBONES = ('vit', 'resnet')
+REGISTRY = {'vit': vit_lib.BACKBONE, 'resnet': resnet_lib.BACKBONE}
+BACKBONES = tuple(REGISTRY)
+
+
+def backbone(model_config) -> Backbone:
+  """The registry entry of model_config.name."""
+  if model_config.name not in REGISTRY:
+    raise ValueError(f'model.name={model_config.name!r} is not a known backbone; use one of '
+                     f'{BACKBONES}.')
+  return REGISTRY[model_config.name]
+
+
+def of_module(module) -> Backbone | None:
+  """The registry entry of a built backbone module, or None for a module of no registered kind."""
+  return next((b for b in REGISTRY.values() if isinstance(module, b.module)), None)
 
 
 def build_backbone(model_config, dtype=jnp.float32):
   """Returns a flax module mapping images [B,H,W,C] to features [B,D]."""
-  name = model_config.name
-  if name == 'vit':
-    return vit_lib.vit(**{**model_config.to_dict(), 'dtype': dtype})
-  if name == 'resnet':
-    return resnet_lib.resnet(**{**model_config.to_dict(), 'dtype': dtype})
-  raise ValueError(f'model.name={name!r} is not a known backbone; use one of {BACKBONES}.')
+  return backbone(model_config).build(model_config, dtype)
 
 
 def feature_dim(model_config) -> int:
-  if model_config.name == 'vit':
-    return model_config.get('width') or vit_lib.SIZES[model_config.variant][0]
-  if model_config.name == 'resnet':
-    return resnet_lib.feature_dim(model_config.depth, model_config.get('width', 1.0))
-  raise ValueError(f'model.name={model_config.name!r} is not a known backbone; use one of {BACKBONES}.')
+  return backbone(model_config).feature_dim(model_config)
 
 
 def grad_probes(model_config) -> dict:
@@ -35,15 +42,17 @@ def grad_probes(model_config) -> dict:
   gradient is zero), the first trained layer; 'last_block' is the backbone's last block (MoCo v3
   paper, Fig. 5).
   """
-  if model_config.name == 'vit':
-    depth = model_config.get('depth') or vit_lib.SIZES[model_config.variant][1]
-    first = ('backbone/blocks_0/attn/qkv' if model_config.get('stop_grad_patch_embed')
-             else 'backbone/patch_embed')
-    return {'first_layer': first, 'last_block': f'backbone/blocks_{depth - 1}'}
-  if model_config.name == 'resnet':
-    _, counts = resnet_lib.stages(model_config.depth)
-    return {'first_layer': 'backbone/conv1/', 'last_block': f'backbone/layer4_{counts[-1] - 1}/'}
-  raise ValueError(f'model.name={model_config.name!r} is not a known backbone; use one of {BACKBONES}.')
+  return backbone(model_config).grad_probes(model_config)
+
+
+def frozen_prefixes(model_config) -> tuple:
+  """Parameter-path prefixes of the backbone that are never trained (the v3 frozen patch
+  projection)."""
+  return tuple(backbone(model_config).frozen_prefixes(model_config))
+
+
+def feature_name(model_config) -> str:
+  return backbone(model_config).feature_name(model_config)
 
 
 # Backbone modules before the blocks, in the order the input meets them.

@@ -27,6 +27,7 @@ import numpy as np
 from flax import traverse_util
 
 from mocojax.models import norm
+from mocojax.models.backbone import Backbone
 
 # depth -> (block, blocks per stage)
 STAGES = {
@@ -170,3 +171,41 @@ def torchvision_state_dict(params, batch_stats) -> dict:
       value = np.asarray(value)
       out[name] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
   return out
+
+
+def torchvision_resnet_info(module: ResNet, channels: int) -> dict:
+  """How to build the torchvision model these tensors load into, and what differs from stock."""
+  changes = []
+  if module.small_stem:
+    changes.append(f'conv1 = Conv2d({channels}, {base_width(module.width)}, 3, 1, 1, '
+                   'bias=False); maxpool = Identity()')
+  elif channels != 3:
+    changes.append(f'conv1 = Conv2d({channels}, 64, 7, 2, 3, bias=False)')
+  if module.width != 1.0:
+    changes.append(f'every conv {module.width}x as wide (no torchvision argument does this)')
+  changes.append('fc = Identity() (the export has no classifier; or load with strict=False)')
+  return dict(library='torchvision', model=f'resnet{module.depth}', changes=changes)
+
+
+def _torch_export(module: ResNet, variables: dict, image_size: int, channels: int):
+  del image_size  # any size: global average pooling
+  tensors = torchvision_state_dict(variables['params'], variables.get('batch_stats', {}))
+  tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+  return tensors, torchvision_resnet_info(module, channels)
+
+
+def _grad_probes(model_config) -> dict:
+  _, counts = stages(model_config.depth)
+  return {'first_layer': 'backbone/conv1/', 'last_block': f'backbone/layer4_{counts[-1] - 1}/'}
+
+
+BACKBONE = Backbone(
+    module=ResNet,
+    build=lambda model_config, dtype: resnet(**{**model_config.to_dict(), 'dtype': dtype}),
+    feature_dim=lambda c: feature_dim(c.depth, c.get('width', 1.0)),
+    grad_probes=_grad_probes,
+    frozen_prefixes=lambda c: (),
+    feature_name=lambda c: 'ResNet global-average-pooled features',
+    input_channels=lambda params: int(params['conv1']['kernel'].shape[2]),  # [k, k, C, width]
+    torch_export=_torch_export,
+    probe_recipe=dict(base_lr=0.1, epochs=90.0, schedule='cosine'))
