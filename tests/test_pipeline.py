@@ -15,6 +15,7 @@ from mocojax.data.sources import Source
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 SIZE = 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _indexed_source(n=40, hw=10):
@@ -243,3 +244,39 @@ def test_device_batches_shards_over_8_cpu_devices():
   result = subprocess.run([sys.executable, '-c', _DEVICE_SCRIPT], env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0 and 'OK' in result.stdout, result.stderr[-3000:]
+
+
+_OPEN_AT_EXIT = '''
+import sys
+import ml_collections
+from mocojax import parallel
+from mocojax.data import pipeline, sources
+config = ml_collections.ConfigDict(dict(source='folder', data_dir=sys.argv[1], name='f',
+                                        train_split='train', eval_split='train', channels=3))
+batches = pipeline.train_batches(
+    sources.get_source(config, 'train'), global_batch=8, seed=0, start_step=0, image_size=224,
+    mean=(0.5,) * 3, std=(0.2,) * 3,
+    sharding=parallel.batch_sharding(parallel.make_mesh()))
+next(batches)
+if sys.argv[2] == 'crash':
+  raise RuntimeError('a crash with the pipeline open')
+'''
+
+
+@pytest.mark.parametrize('how', ['crash', 'module_level'])
+def test_process_with_an_open_image_pipeline_exits(tmp_path, how):
+  """tf.data threads call back into Python (the PIL crops); an open pipeline at interpreter
+  exit must not hang the process (they are closed at exit)."""
+  rng = np.random.default_rng(0)
+  for k in range(16):  # large enough that crops are still in flight when the script ends
+    path = tmp_path / 'train' / f'c{k % 2}' / f'{k}.jpg'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tf.io.write_file(str(path), tf.io.encode_jpeg(rng.integers(0, 256, (600, 500, 3), np.uint8)))
+  script = tmp_path / 'open_at_exit.py'
+  script.write_text(_OPEN_AT_EXIT)
+  log = tmp_path / 'log.txt'
+  with open(log, 'w') as out:
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), how], stdout=out,
+                            stderr=subprocess.STDOUT, timeout=90, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu'))
+  assert result.returncode == (1 if how == 'crash' else 0), log.read_text()[-2000:]

@@ -100,12 +100,14 @@ def _pil_resize(image: np.ndarray, boxes: np.ndarray, height: int, width: int) -
   """uint8 [V, height, width, C]: image [H, W, C] cropped to each (top, left, h, w) of boxes [V, 4]
   and resized by PIL (bilinear, antialiased when downscaling)."""
   channels = image.shape[-1]
-  pil = Image.fromarray(image[..., 0] if channels == 1 else image)
   out = np.empty((len(boxes), height, width, channels), np.uint8)
   for v, (top, left, h, w) in enumerate(boxes.tolist()):
-    # Crop first, as torchvision does: PIL's resize(box=...) would filter across the box edge.
-    crop = pil.crop((left, top, left + w, top + h)).resize((width, height), Image.BILINEAR)
-    out[v] = np.asarray(crop).reshape(height, width, channels)
+    # Crop first, as torchvision does (PIL's resize(box=...) would filter across the box edge),
+    # and in numpy: PIL then copies only the crop into its own layout, not the whole image.
+    crop = image[top:top + h, left:left + w]
+    crop = np.ascontiguousarray(crop[..., 0] if channels == 1 else crop)
+    resized = Image.fromarray(crop).resize((width, height), Image.BILINEAR)
+    out[v] = np.asarray(resized).reshape(height, width, channels)
   return out
 
 

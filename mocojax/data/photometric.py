@@ -108,17 +108,18 @@ def adjust_hue(x, delta):
   v = jnp.where(r_max, r, jnp.where(g_max, g, b))
   span = v - jnp.minimum(jnp.minimum(r, g), b)
   inv_span = 1.0 / jnp.where(span > 0, span, 1.0)
+  s = span / jnp.where(v > 0, v, 1.0)
   rc, gc, bc = (v - r) * inv_span, (v - g) * inv_span, (v - b) * inv_span
   h = jnp.where(r_max, bc - gc, jnp.where(g_max, 2.0 + rc - bc, 4.0 + gc - rc))
   h = jnp.where(span > 0, _frac(h / 6.0), 0.0)
   h6 = 6.0 * _frac(h + delta)
 
   # HSV -> RGB, each channel as v - v s clip(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6: the
-  # closed form of the six-sector table. v s is the span (s = span / v), so s is never formed.
+  # closed form of the six-sector table.
   def channel(n):
     k = n + h6
     k = jnp.where(k >= 6.0, k - 6.0, k)
-    return v - span * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
+    return v - v * s * jnp.clip(jnp.minimum(k, 4.0 - k), 0.0, 1.0)
   return jnp.stack([channel(5.0), channel(3.0), channel(1.0)])
 
 

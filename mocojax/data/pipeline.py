@@ -16,8 +16,10 @@ photometric rest (`photometric`), keyed by each example's (seed, step, row).
 
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
+import weakref
 from typing import Iterator
 
 import jax
@@ -265,6 +267,20 @@ def eval_batches(source: Source, *, sharding, global_batch: int,
       photometric.images, mean=tuple(mean), std=tuple(std)))
 
 
+# device_batches generators not yet closed. tf.data's threads call back into Python (the host
+# crops are PIL calls), and a thread that needs the GIL once the interpreter has begun to
+# finalize blocks for ever, so a process leaving a pipeline open at exit (an uncaught
+# exception, a loop at module level) would hang instead of exiting. Closing them at exit, while
+# Python still runs, frees their tf.data iterators first.
+_OPEN = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_pipelines():
+  for batches in list(_OPEN):
+    batches.close()
+
+
 def device_batches(dataset, sharding, transform=None,
                    prefetch: int = 2) -> Iterator[dict]:
   """Yields global jax.Arrays built from this host's batches.
@@ -291,11 +307,16 @@ def device_batches(dataset, sharding, transform=None,
     on_devices = photometric.per_shard(transform, sharding)
     place = lambda batch: on_devices(to_global(batch))
 
-  queue = collections.deque()
-  for batch in dataset.as_numpy_iterator() if isinstance(
-      dataset, tf.data.Dataset) else dataset:
-    queue.append(place(batch))
-    if len(queue) > prefetch:
+  def batches():
+    queue = collections.deque()
+    for batch in dataset.as_numpy_iterator() if isinstance(
+        dataset, tf.data.Dataset) else dataset:
+      queue.append(place(batch))
+      if len(queue) > prefetch:
+        yield queue.popleft()
+    while queue:
       yield queue.popleft()
-  while queue:
-    yield queue.popleft()
+
+  generator = batches()
+  _OPEN.add(generator)
+  return generator
