@@ -143,6 +143,28 @@ def mocov3_resnet(depth: int = 50) -> ml_collections.ConfigDict:
   return c
 
 
+def simclr(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """SimCLR on a MoCo v3 config, as the v3 paper compares it (Table 4): the same backbone,
+  projector, optimizer, schedule and augmentation; no momentum encoder, no predictor, NT-Xent
+  with temperature 0.1."""
+  c.method = 'simclr'
+  c.temperature = 0.1
+  del c.momentum            # nothing is averaged
+  del c.head.pred_layers    # no predictor
+  del c.head.pred_last_bn
+  return c
+
+
+def byol(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """BYOL on a MoCo v3 config, as the v3 paper compares it (Table 4): the same backbone, heads
+  (projector, predictor), optimizer, schedule and augmentation; the target network is the
+  momentum encoder with momentum 0.99 -> 1 (cosine); the normalised-MSE loss has no temperature."""
+  c.method = 'byol'
+  del c.temperature         # no logits
+  c.momentum = ml_collections.ConfigDict(dict(base=0.99, cosine=True))
+  return c
+
+
 def fashion_mnist(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Points a config at Debian's Fashion-MNIST IDX files (28 px, 1 channel): the CPU demos."""
   c.data.source = 'idx'

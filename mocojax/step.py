@@ -1,4 +1,4 @@
-"""The MoCo train step and the one way to set it up on a mesh: `setup(config, mesh, ...)`.
+"""The pretraining train step and the one way to set it up on a mesh: `setup(config, mesh, ...)`.
 
 The trainer, the planner (plan.py), the step benchmark (bench/train_step.py) and the tests all
 get their state layout and jitted step from `setup`, so each of them runs the same program. This
@@ -32,12 +32,13 @@ from mocojax.evaluation import online_probe
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array                 # number of optimizer steps taken
-  params: Any                     # base encoder (backbone, projector, predictor)
+  params: Any                     # base encoder (e.g. backbone, projector, predictor)
   batch_stats: Any                # its BN running statistics
-  momentum_params: Any            # EMA of params['backbone'|'projector']; never optimised
+  momentum_params: Any            # EMA of the sub-trees of params the method's init copied;
+                                  # never optimised; {} for a method without a momentum encoder
   momentum_batch_stats: Any
   opt_state: Any
-  method_state: Any               # e.g. the v1/v2 queue; empty for v3
+  method_state: Any               # e.g. the v1/v2 queue; {} for most methods
   rng: jax.Array                  # folded with the step for per-step randomness
   probe: Any = None               # online linear probe {'params', 'opt_state'}, or None
 
@@ -56,11 +57,14 @@ def _max_abs_under(tree, prefix: str):
 
 def train_step(state: TrainState, batch, *, method, tx, lr_schedule, momentum_schedule,
                grad_probes: dict, layer_groups: tuple = (), probe_tx=None):
-  """One MoCo step. Pure: (state, batch) -> (state, metrics)."""
-  # The reference updates the key encoder at the start of each forward pass, so the keys of
-  # step t come from the encoder averaged with the base parameters of step t-1.
-  m = momentum_schedule(state.step)
-  momentum_params = momentum_lib.ema_update(state.momentum_params, state.params, m)
+  """One pretraining step of `method`. Pure: (state, batch) -> (state, metrics)."""
+  momentum_metrics, momentum_params = {}, state.momentum_params
+  if method.has_momentum_encoder:
+    # The MoCo reference updates the key encoder at the start of each forward pass, so the
+    # keys of step t come from the encoder averaged with the base parameters of step t-1.
+    m = momentum_schedule(state.step)
+    momentum_params = momentum_lib.ema_update(state.momentum_params, state.params, m)
+    momentum_metrics = dict(momentum=m)
   rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
@@ -70,7 +74,7 @@ def train_step(state: TrainState, batch, *, method, tx, lr_schedule, momentum_sc
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
-  metrics = dict(loss=loss, lr=lr_schedule(state.step), momentum=m,
+  metrics = dict(loss=loss, lr=lr_schedule(state.step), **momentum_metrics,
                  grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params),
                  update_norm=optax.tree.norm(updates), **aux['metrics'])
   # The v3 paper's Fig. 5 signals: the infinity-norm of first-layer and last-block gradients.
@@ -117,7 +121,9 @@ def build(config, steps_per_epoch: int, channels: int, num_classes: int = 0):
   sample = jnp.zeros((1, config.data.image_size, config.data.image_size, channels))
   abstract_params = jax.eval_shape(lambda: method.init(jax.random.key(0), sample))['params']
   tx, lr = optim.build_optimizer(config, abstract_params, steps_per_epoch)
-  m = momentum_lib.momentum_schedule(config.momentum.base, total, config.momentum.cosine)
+  m = None  # a method without a momentum encoder reads no config.momentum
+  if method.has_momentum_encoder:
+    m = momentum_lib.momentum_schedule(config.momentum.base, total, config.momentum.cosine)
   probe_tx = None
   if num_classes and config.get('online_probe') and config.online_probe.enabled:
     probe_tx = online_probe.optimizer(config.online_probe)

@@ -1,4 +1,4 @@
-"""The MoCo trainer: read it top to bottom.
+"""The pretraining trainer: read it top to bottom.
 
   mesh -> input -> the step set up (step.setup: model, optimizer, schedules, shardings) ->
   state (the latest usable checkpoint, or created sharded) -> evaluators -> the loop (metrics,

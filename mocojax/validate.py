@@ -39,21 +39,15 @@ def check(config):
   _raise(problems(config))
 
 
-def check_queue(config):
-  """MoCo v1/v2's own checks, queue size and BN groups against the batch size (mocov1v2 runs
-  them when it builds the method; `check` includes them)."""
-  _raise(_queue(config) + _bn_groups(config))
-
-
 def problems(config) -> list:
   """Every problem of the config, one line each (empty: the config is fine)."""
   p = _Problems(config)
   for section in (_run, _optimizer, _method, _model, _head, _data, _augment, _eval, _probe,
                   _mesh, _batch_split):
     section(p)
-  p.extend(_queue(config) if _is_v1v2(config) else [])
-  p.extend(_bn_groups(config))
-  return list(p)
+  p.extend(bn_group_problems(config))
+  # A method's own checks may repeat a general one (v1/v2 check the BN groups too).
+  return list(dict.fromkeys(p))
 
 
 def _raise(lines):
@@ -226,17 +220,20 @@ def _optimizer(p):
           'which never happens; use epochs inside the run, e.g. 60% and 80% of it')
 
 
-def _is_v1v2(config) -> bool:
-  return _lookup(config, 'method') in ('mocov1', 'mocov2')
-
-
 def _method(p):
+  """A registered method, and that method's own checks (methods/: `config_problems`)."""
   from mocojax import methods
-  if p.require('method', f'use one of {methods.METHODS}'):
-    p.one_of('method', methods.METHODS)
+  if not (p.require('method', f'use one of {methods.METHODS}')
+          and p.one_of('method', methods.METHODS)):
+    return
+  method = methods.method_class(p.config)
+  if method.has_momentum_encoder:
+    p.require('momentum', f'{p.config.method} averages its momentum encoder on this schedule: '
+              'set config.momentum.base and config.momentum.cosine, e.g. 0.99 and True')
+  p.extend(method.config_problems(p.config))
 
 
-def _queue(config) -> list:
+def queue_problems(config) -> list:
   """v1/v2: the queue is a FIFO of whole steps' keys (mocov1v2.enqueue)."""
   from mocojax.methods import mocov1v2
   p = _Problems(config)
@@ -259,7 +256,7 @@ def _queue(config) -> list:
   return p
 
 
-def _bn_groups(config) -> list:
+def bn_group_problems(config) -> list:
   """'group' BN (v1/v2's per-GPU BN) normalises consecutive groups of bn_group_size samples."""
   p = _Problems(config)
   if p.get('model.bn_stats', 'global') != 'group':

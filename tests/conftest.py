@@ -19,7 +19,12 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def tiny_config():
-  """MoCo v3 with a 2-block ViT on 28x28 single-channel images: fast enough for CPU tests."""
+  return tiny()
+
+
+def tiny():
+  """MoCo v3 with a 2-block ViT on 28x28 single-channel images: fast enough for CPU tests.
+  (A function too, for module-scoped fixtures.)"""
   from configs import demo
   c = demo.get_config()
   c.model.width, c.model.depth, c.model.num_heads, c.model.patch_size = 32, 2, 2, 7

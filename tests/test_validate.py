@@ -97,10 +97,16 @@ BAD = [
     ('demo_mocov1', {'queue_size': 1000}, 'queue_size'),    # batch 128
     ('demo_mocov1', {'queue_size': 0}, 'queue_size'),
     ('demo_mocov2', {'symmetric': True, 'queue_size': 33 * 128}, 'queue_size'),
+    # (v1/v2's own checks look at the BN groups too: still one line.)
     ('demo_mocov1', {'model.bn_group_size': 48}, 'model.bn_group_size'),
     ('demo_mocov1', {'warmup_epochs': 1.0}, 'warmup_epochs'),  # 'steps' has no warmup
     ('demo_mocov1', {'optimizer.decay_epochs': (3.2, 2.4)}, 'optimizer.decay_epochs'),
     ('demo_mocov1', {'optimizer.decay_epochs': (2.4, 5.0)}, 'optimizer.decay_epochs'),
+    # Other methods.
+    ('demo_simclr', {'temperature': 0.0}, 'temperature'),
+    ('demo_byol', {'momentum.base': 1.5}, 'momentum.base'),
+    ('demo_byol', {'method': 'simclr'}, 'temperature'),      # BYOL's config has none
+    ('demo_simclr', {'method': 'byol'}, 'momentum'),         # SimCLR's config has none
 ]
 
 
@@ -134,11 +140,12 @@ def test_all_problems_are_reported_at_once():
     assert sum(line.startswith(f'config.{setting}=') for line in lines) == 1, setting
 
 
-def test_existing_method_check_still_raises_a_value_error():
-  # mocov1v2.check_config (run by build_method) now delegates to validate.check_queue.
-  from mocojax.methods import mocov1v2
+def test_the_method_check_still_raises_a_value_error():
+  # methods.check_config (run by build_method) raises the method's own lines, which for v1/v2
+  # come from validate.queue_problems.
+  from mocojax import methods
   with pytest.raises(ValueError, match=r'queue_size=1000 .*batch_size=128.*queue_size=896'):
-    mocov1v2.check_config(_config('demo_mocov1', {'queue_size': 1000}))
+    methods.check_config(_config('demo_mocov1', {'queue_size': 1000}))
 
 
 def _pretraining_configs():
@@ -156,8 +163,9 @@ def test_every_pretraining_config_passes(name):
 
 def test_every_pretraining_config_is_checked():
   assert {'demo', 'demo_mocov1', 'demo_mocov2', 'demo_mocov3_resnet', 'mocov1_resnet50',
-          'mocov2_resnet50', 'mocov3_resnet50', 'mocov3_vit_base',
-          'mocov3_vit_huge'} <= set(_pretraining_configs())
+          'mocov2_resnet50', 'mocov3_resnet50', 'mocov3_vit_base', 'mocov3_vit_huge',
+          'demo_simclr', 'demo_byol', 'simclr_vit_small', 'simclr_vit_base', 'byol_vit_small',
+          'byol_vit_base'} <= set(_pretraining_configs())
 
 
 def test_check_needs_no_tensorflow_clu_or_data():

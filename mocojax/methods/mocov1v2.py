@@ -20,14 +20,13 @@ reference's per-GPU BN); the key encoder does the same on a randomly permuted ba
 after (shuffling BN), so that a group's statistics cannot leak which key matches which query.
 """
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mocojax import models
-from mocojax.methods.mocov3 import l2_normalize
+from mocojax import validate
+from mocojax.methods import base
 from mocojax.models import heads, norm
 
 
@@ -43,7 +42,7 @@ class Encoder(nn.Module):
 
 def init_queue(rng, size: int, dim: int):
   """As the reference: standard normal keys, each L2-normalised."""
-  return l2_normalize(jax.random.normal(rng, (size, dim), jnp.float32))
+  return base.l2_normalize(jax.random.normal(rng, (size, dim), jnp.float32))
 
 
 def queue_logits(q, k, queue, temperature):
@@ -79,21 +78,20 @@ def keys_per_step(config) -> int:
   return config.batch_size * (2 if config.get('symmetric', False) else 1)
 
 
-def check_config(config):
-  """queue_size and BN groups against the batch: a clear error before anything compiles."""
-  # The rules live with every other config check; validate imports this module lazily.
-  from mocojax import validate
-  validate.check_queue(config)
-
-
 class MoCoV1V2:
   """Builds the query/key encoders from the config and computes the queue loss."""
 
+  has_momentum_encoder = True
   # Sub-trees of the base parameters that the key encoder averages: all of them.
   momentum_keys = ('backbone', 'head')
 
+  @staticmethod
+  def config_problems(config) -> list:
+    """queue_size and BN groups against the batch: a clear error before anything compiles."""
+    # The rules' wording lives with every other config check, in validate.py.
+    return validate.queue_problems(config) + validate.bn_group_problems(config)
+
   def __init__(self, config, dtype=jnp.float32):
-    check_config(config)
     self.encoder = Encoder(
         backbone=models.build_backbone(config.model, dtype),
         head=heads.QueueHead(config.head.out_dim, mlp=config.head.mlp, dtype=dtype))
@@ -106,21 +104,14 @@ class MoCoV1V2:
   def init(self, rng, images):
     """Both encoders' variables (the key encoder a copy of the query one) and a random queue."""
     enc_rng, queue_rng = jax.random.split(rng)
-    variables = self.encoder.init(enc_rng, images, train=True)
-    params, batch_stats = variables['params'], variables.get('batch_stats', {})
     method_state = dict(queue=init_queue(queue_rng, self.queue_size, self.out_dim),
                         ptr=jnp.zeros((), jnp.int32))
-    return dict(params=params, batch_stats=batch_stats,
-                momentum_params={k: params[k] for k in self.momentum_keys},
-                momentum_batch_stats={k: batch_stats[k] for k in self.momentum_keys
-                                      if k in batch_stats},
-                method_state=method_state)
+    return base.with_momentum_copy(self.encoder.init(enc_rng, images, train=True),
+                                   self.momentum_keys, method_state)
 
   def _apply(self, params, batch_stats, images):
-    (features, z), updates = self.encoder.apply(
-        {'params': params, 'batch_stats': batch_stats}, images, train=True,
-        mutable=['batch_stats'])
-    return features, l2_normalize(z.astype(jnp.float32)), updates.get('batch_stats', batch_stats)
+    (features, z), batch_stats = base.apply_train(self.encoder, params, batch_stats, images)
+    return features, base.l2_normalize(z.astype(jnp.float32)), batch_stats
 
   def query(self, params, batch_stats, images):
     """(backbone features, normalised queries, new BN stats); BN groups in batch order."""
@@ -134,11 +125,11 @@ class MoCoV1V2:
     _, k, batch_stats = self._apply(momentum_params, batch_stats, images)
     return jax.lax.stop_gradient(unshuffle(k)), jax.lax.stop_gradient(batch_stats)
 
-  def loss(self, params, state: Any, momentum_params, batch, rng):
+  def loss(self, params, state: base.StepState, momentum_params, batch, rng):
     """Loss of one step against the queue; aux carries the queue with this step's keys in.
 
-    Returns (loss, aux), aux = dict(batch_stats, momentum_batch_stats, method_state, metrics,
-    features). BN running statistics thread through the calls in the reference's order.
+    Returns (loss, aux), aux a base.Aux. BN running statistics thread through the calls in the
+    reference's order.
     """
     x1, x2 = batch['view1'], batch['view2']
     queue, ptr = state.method_state['queue'], state.method_state['ptr']
@@ -157,12 +148,11 @@ class MoCoV1V2:
       logits, new_keys = jnp.concatenate([logits, logits21]), jnp.concatenate([k1, k2])
 
     queue, ptr = enqueue(queue, ptr, new_keys)
-    return loss, dict(batch_stats=bs, momentum_batch_stats=mbs,
-                      method_state=dict(queue=queue, ptr=ptr),
-                      metrics=instance_accuracy(jax.lax.stop_gradient(logits)),
-                      features=jax.lax.stop_gradient(f1))
+    return loss, base.Aux(batch_stats=bs, momentum_batch_stats=mbs,
+                          method_state=dict(queue=queue, ptr=ptr),
+                          metrics=instance_accuracy(jax.lax.stop_gradient(logits)),
+                          features=jax.lax.stop_gradient(f1))
 
   def features(self, variables, images):
     """Backbone features of the query encoder in inference mode (kNN, linear probe, export)."""
-    return self.encoder.apply(variables, images, train=False,
-                              method=lambda m, x, train: m.backbone(x, train=train))
+    return base.backbone_features(self.encoder, variables, images)

@@ -1,0 +1,15 @@
+r"""SimCLR, ViT-Base/16 on ImageNet-1k, as the MoCo v3 paper compares it (its Table 4).
+
+The recipe of configs/simclr_vit_small.py (its docstring says which values come from the paper
+and which are the MoCo v3 recipe's own) on the ViT-B/16 of configs/mocov3_vit_base.py.
+Paper figure (linear probe top-1): TODO(lead): figure
+
+  python -m mocojax.main --config=configs/simclr_vit_base.py --workdir=gs://BUCKET/simclr_vit_base \
+      --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+"""
+
+from configs import common, mocov3_vit_base
+
+
+def get_config():
+  return common.simclr(mocov3_vit_base.get_config())
