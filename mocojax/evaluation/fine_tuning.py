@@ -19,7 +19,6 @@ resumes from the latest one and continues the same run, batch for batch.
 
 import json
 import os
-import re
 import time
 from typing import Any, Optional
 
@@ -34,12 +33,11 @@ from clu import metric_writers
 from jax.sharding import Mesh
 
 from mocojax import checkpoint as ckpt_lib
-from mocojax import parallel
+from mocojax import models, parallel
 from mocojax.data import pipeline, sources
 from mocojax.data.sources import Source
 from mocojax.evaluation import classification
 from mocojax.hand_off import encoder as encoder_lib
-from mocojax.models import vit as vit_lib
 
 _NO_DECAY_NAMES = ('cls_token', 'pos_embed')
 
@@ -63,28 +61,18 @@ class FineTuneState:
   opt_state: Any
 
 
-def vit_layer_id(name: str, depth: int) -> int:
-  """Layer index of a Classifier parameter path for layer-wise lr decay (0 .. depth + 1)."""
-  if re.match(r'backbone/(patch_embed|cls_token|pos_embed)(/|$)', name):
-    return 0
-  block = re.match(r'backbone/blocks_(\d+)/', name)
-  if block:
-    return int(block.group(1)) + 1
-  return depth + 1  # final norm and the head
-
-
 def layer_scales(params, backbone: nn.Module, layer_decay: float):
-  """Per-parameter multipliers of the update (all 1 without decay)."""
+  """Per-parameter multipliers of the update (all 1 without decay): layer_decay ** (n - layer)
+  over the backbone's layers 0..n (its registry entry's `layer_ids`)."""
   if layer_decay == 1.0:
     return jax.tree.map(lambda _: 1.0, params)
-  if not isinstance(backbone, vit_lib.ViT):
-    raise ValueError(f'layer_decay={layer_decay} is defined for ViT backbones only; '
-                     f'set layer_decay=1.0 for {type(backbone).__name__}.')
-  depth = backbone.depth
+  entry = models.of_module(backbone)
+  if entry is None or entry.layer_ids is None:
+    raise ValueError(f'layer_decay={layer_decay} is not defined for {type(backbone).__name__} '
+                     f'backbones; set layer_decay=1.0.')
+  layer_id, n = entry.layer_ids(backbone)
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: float(
-          layer_decay**(depth + 1 - vit_layer_id(parallel.path_name(path), depth))),
-      params)
+      lambda path, _: float(layer_decay**(n - layer_id(parallel.path_name(path)))), params)
 
 
 def weight_decay_mask(params):

@@ -26,7 +26,6 @@ import orbax.checkpoint as ocp
 
 from mocojax import models, parallel
 from mocojax.hand_off import pretraining_run, torch_layout
-from mocojax.models import vit as vit_lib
 
 FORMAT_VERSION = 'mocojax-encoder/1'
 MODEL_JSON = 'model.json'
@@ -157,20 +156,6 @@ def check_matches(expected, found, where: str) -> None:
     raise ValueError('\n'.join(lines))
 
 
-def resample_position_embedding(pos, old_grid: tuple, new_grid: tuple):
-  """A learned [gh*gw, D] patch position table resampled (bicubic) to another patch grid."""
-  (gh, gw), (nh, nw) = old_grid, new_grid
-  if pos.shape[0] != gh * gw:
-    raise ValueError(f'position table has {pos.shape[0]} rows, not {gh}x{gw}={gh * gw}.')
-  if (gh, gw) == (nh, nw):
-    return pos
-  d = pos.shape[-1]
-  grid = jnp.asarray(pos, jnp.float32).reshape(gh, gw, d)
-  # Antialiased when shrinking, as timm's resample_abs_pos_embed (F.interpolate antialias=True).
-  out = jax.image.resize(grid, (nh, nw, d), method='bicubic', antialias=True)
-  return out.reshape(nh * nw, d).astype(pos.dtype)
-
-
 def load_encoder(path: str, *, image_size: Optional[int] = None, dtype: Any = jnp.float32,
                  sharding: Optional[jax.sharding.Sharding] = None, **model_overrides):
   """Returns (module, variables) of the encoder in `path`, ready for `module.apply`.
@@ -207,15 +192,10 @@ def load_encoder(path: str, *, image_size: Optional[int] = None, dtype: Any = jn
     variables = checkpointer.restore(weights, abstract)
 
   if image_size != stored_size:
-    if isinstance(module, vit_lib.ViT):
-      p = module.patch_size
-      if image_size % p:
-        raise ValueError(f'image_size={image_size} is not divisible by the patch size {p}.')
-      params = variables['params']
-      if 'pos_embed' in params:
-        params = dict(params, pos_embed=resample_position_embedding(
-            params['pos_embed'], (stored_size // p,) * 2, (image_size // p,) * 2))
-        variables = dict(variables, params=jax.device_put(params, sharding))
+    backbone = models.of_module(module)
+    if backbone is not None and backbone.resize_params is not None:
+      params = backbone.resize_params(module, variables['params'], stored_size, image_size)
+      variables = dict(variables, params=jax.device_put(params, sharding))
     # Whatever the backbone, what was loaded must now be what the module expects.
     check_matches(expected_at(image_size), variables,
                   f'The encoder at {path} at image_size={image_size}')

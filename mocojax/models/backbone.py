@@ -20,3 +20,6 @@ class Backbone:
   input_channels: Callable     # backbone params -> channels of the images it was trained on
   torch_export: Callable       # (module, variables, image_size, channels) -> (tensors, info)
   probe_recipe: dict           # the reference linear probe: base_lr, epochs, schedule
+  # Optional: None where the backbone has no such thing.
+  layer_ids: Callable | None = None    # module -> (name -> layer 0..n for layer-wise lr decay, n)
+  resize_params: Callable | None = None  # (module, params, old, new image size) -> params

@@ -13,6 +13,7 @@ which keeps an export to PyTorch a matter of transposes.
 
 import dataclasses
 import math
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -293,6 +294,49 @@ def _torch_export(module: ViT, variables: dict, image_size: int, channels: int):
 
 
 # ----------------------------------------------------------------------------------------------
+# Other input sizes and layer-wise lr decay (fine-tuning).
+# ----------------------------------------------------------------------------------------------
+def resample_position_embedding(pos, old_grid: tuple, new_grid: tuple):
+  """A learned [gh*gw, D] patch position table resampled (bicubic) to another patch grid."""
+  (gh, gw), (nh, nw) = old_grid, new_grid
+  if pos.shape[0] != gh * gw:
+    raise ValueError(f'position table has {pos.shape[0]} rows, not {gh}x{gw}={gh * gw}.')
+  if (gh, gw) == (nh, nw):
+    return pos
+  d = pos.shape[-1]
+  grid = jnp.asarray(pos, jnp.float32).reshape(gh, gw, d)
+  # Antialiased when shrinking, as timm's resample_abs_pos_embed (F.interpolate antialias=True).
+  out = jax.image.resize(grid, (nh, nw, d), method='bicubic', antialias=True)
+  return out.reshape(nh * nw, d).astype(pos.dtype)
+
+
+
+def _resize_params(module: ViT, params: dict, old_size: int, new_size: int) -> dict:
+  """The parameters for another input size: a learned position table resampled to the new
+  patch grid (the sin-cos table is computed from the grid; nothing else depends on it)."""
+  p = module.patch_size
+  if new_size % p:
+    raise ValueError(f'image_size={new_size} is not divisible by the patch size {p}.')
+  if 'pos_embed' not in params:
+    return params
+  return dict(params, pos_embed=resample_position_embedding(
+      params['pos_embed'], (old_size // p,) * 2, (new_size // p,) * 2))
+
+
+def _layer_ids(module: ViT):
+  """Layer-wise lr decay layers (BEiT / MAE fine-tuning): 0 for the patch projection, [CLS] and
+  position table, i + 1 for block i, depth + 1 for the final norm and the classifier head."""
+  depth = module.depth
+
+  def layer_id(name: str) -> int:
+    if re.match(r'backbone/(patch_embed|cls_token|pos_embed)(/|$)', name):
+      return 0
+    block = re.match(r'backbone/blocks_(\d+)/', name)
+    return int(block.group(1)) + 1 if block else depth + 1
+  return layer_id, depth + 1
+
+
+# ----------------------------------------------------------------------------------------------
 # The registry entry.
 # ----------------------------------------------------------------------------------------------
 def _depth(model_config) -> int:
@@ -322,4 +366,6 @@ BACKBONE = Backbone(
     feature_name=_feature_name,
     input_channels=lambda params: int(params['patch_embed']['kernel'].shape[2]),  # [p, p, C, D]
     torch_export=_torch_export,
-    probe_recipe=dict(base_lr=3.0, epochs=90.0, schedule='cosine'))
+    probe_recipe=dict(base_lr=3.0, epochs=90.0, schedule='cosine'),
+    layer_ids=_layer_ids,
+    resize_params=_resize_params)

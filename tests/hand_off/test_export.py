@@ -79,7 +79,7 @@ def test_learned_position_embedding_is_resampled(tiny_config, write_run, tmp_pat
   assert module.apply(bigger, _images(size=42), train=False).shape == (4, 32)
   # Everything but the table is untouched; a constant table stays constant.
   np.testing.assert_array_equal(bigger['params']['cls_token'], same['params']['cls_token'])
-  const = encoder.resample_position_embedding(jnp.ones((16, 8)), (4, 4), (6, 6))
+  const = vit_lib.resample_position_embedding(jnp.ones((16, 8)), (4, 4), (6, 6))
   np.testing.assert_allclose(const, 1.0, rtol=1e-6)
   with pytest.raises(ValueError, match='divisible'):
     encoder.load_encoder(str(out), image_size=30)
