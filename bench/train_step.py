@@ -178,11 +178,11 @@ def _resnet_step_flops(config, channels: int, probe_classes: int) -> dict:
   feat = resnet_lib.feature_dim(m.depth, m.width)
   backbone = resnet_forward_flops(m.depth, m.width, m.small_stem, config.data.image_size,
                                   channels)
-  if config.method == 'mocov3':
+  if config.method not in ('mocov1', 'mocov2'):  # two views through both encoders
     proj = _mlp_flops(h.proj_layers, feat, h.hidden_dim, h.out_dim)
-    pred = _mlp_flops(h.pred_layers, h.out_dim, h.hidden_dim, h.out_dim)
-    per_image = 2 * (3 * (backbone + proj + pred) + backbone + proj)
-    loss = 2 * (2 * b * b * h.out_dim) * 2
+    pred = _predictor_flops(config)
+    per_image = 2 * (3 * (backbone + proj + pred) + _momentum(config) * (backbone + proj))
+    loss = _loss_flops(config)
   else:   # v1/v2: query fwd + bwd, key fwd; symmetric doubles both
     proj = _mlp_flops(2 if h.mlp else 1, feat, feat, h.out_dim)
     pred = 0
@@ -193,6 +193,27 @@ def _resnet_step_flops(config, channels: int, probe_classes: int) -> dict:
   probe = 2 * (2 * feat * probe_classes)
   return dict(kind='resnet', width=feat, backbone=backbone, proj=proj, pred=pred, probe=probe,
               per_image_step=per_image, step=b * (per_image + probe) + loss)
+
+
+def _predictor_flops(config) -> int:
+  h = config.head
+  return _mlp_flops(h.pred_layers, h.out_dim, h.hidden_dim, h.out_dim) if 'pred_layers' in h else 0
+
+
+def _momentum(config) -> int:
+  """1 if the method runs a momentum encoder (forward only), else 0."""
+  from mocojax import methods
+  return int(methods.method_class(config).has_momentum_encoder)
+
+
+def _loss_flops(config) -> int:
+  """Similarity matmuls of the two-view losses over the global batch, forward and backward."""
+  b, d = config.batch_size, config.head.out_dim
+  if config.method == 'simclr':  # [2B, 2B] similarities; the gradient reaches both operands
+    return 3 * (2 * (2 * b) ** 2 * d)
+  if config.method == 'byol':    # cosines of matching rows only
+    return 0
+  return 2 * (2 * b * b * d) * 2  # v3: 2 terms x (q k^T fwd + grad of q)
 
 
 def _vit_step_flops(config, channels: int, probe_classes: int) -> dict:
@@ -210,11 +231,11 @@ def _vit_step_flops(config, channels: int, probe_classes: int) -> dict:
   blocks = depth * (block_matmul + block_attn)
   h = config.head
   proj = _mlp_flops(h.proj_layers, width, h.hidden_dim, h.out_dim)
-  pred = _mlp_flops(h.pred_layers, h.out_dim, h.hidden_dim, h.out_dim)
+  pred = _predictor_flops(config)
   b = config.batch_size
   per_image = 2 * (patch + 3 * (blocks + proj + pred)    # base: fwd + bwd; patch frozen
-                   + patch + blocks + proj)               # momentum: fwd only
-  loss = 2 * (2 * b * b * h.out_dim) * 2                  # 2 terms x (q k^T fwd + grad of q)
+                   + _momentum(config) * (patch + blocks + proj))  # momentum: fwd only
+  loss = _loss_flops(config)
   probe = 2 * (2 * width * probe_classes)                 # fwd + weight gradient, view 1
   return dict(kind='vit', tokens=n, width=width, depth=depth, patch=patch, blocks=blocks,
               attention=depth * block_attn, proj=proj, pred=pred, probe=probe,
@@ -388,15 +409,15 @@ def measure(name: str) -> dict:
           f'{gflop(ana["attention"])}); projector {gflop(ana["proj"])}, predictor '
           f'{gflop(ana["pred"])} forward{probe_desc}')
     print(f'    per image per step: {gflop(ana["per_image_step"])} = 2 views x (base 3x fwd '
-          f'[no patch backward] + momentum 1x fwd); plus the loss over the global batch')
+          f'[no patch backward] + momentum 1x fwd, if any); plus the loss over the global batch')
   else:
     print(f'    per image: ResNet forward {gflop(ana["backbone"])} (convs); head '
           f'{gflop(ana["proj"])}, predictor {gflop(ana["pred"])} forward{probe_desc}')
-    views = ('2 views' if config.method == 'mocov3' or config.get('symmetric', False)
-             else '1 query view')
+    v1v2 = config.method in ('mocov1', 'mocov2')
+    views = '2 views' if not v1v2 or config.get('symmetric', False) else '1 query view'
     print(f'    per image per step: {gflop(ana["per_image_step"])} = {views} x (query 3x fwd + '
           f'key 1x fwd); plus the loss over the batch'
-          + ('' if config.method == 'mocov3' else f' and the {config.queue_size}-key queue'))
+          + (f' and the {config.queue_size}-key queue' if v1v2 else ''))
   print(f'  achieved            ' + (f'{achieved:.4f} TFLOP/s (XLA count); ' if achieved else '')
         + f'{achieved_ana:.4f} TFLOP/s (analytic count)')
   if peak:
