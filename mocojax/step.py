@@ -88,10 +88,10 @@ def train_step(state: TrainState, batch, *, method, tx, lr_schedule, momentum_sc
   if probe is not None:
     probe, probe_metrics = online_probe.update(probe, aux['features'], batch['label'], probe_tx)
     metrics.update(probe_metrics)
-  new_state = state.replace(probe=probe, 
+  new_state = state.replace(
       step=state.step + 1, params=params, batch_stats=aux['batch_stats'],
       momentum_params=momentum_params, momentum_batch_stats=aux['momentum_batch_stats'],
-      opt_state=opt_state, method_state=aux['method_state'])
+      opt_state=opt_state, method_state=aux['method_state'], probe=probe)
   return new_state, metrics
 
 
