@@ -43,7 +43,7 @@ from clu import metric_writers
 from jax.sharding import Mesh
 
 from mocojax import checkpoint as ckpt_lib
-from mocojax import models, parallel
+from mocojax import methods, models, parallel
 from mocojax.data import pipeline, sources
 from mocojax.data.sources import Source
 from mocojax.evaluation import classification
@@ -64,9 +64,8 @@ class HeadState:
 # ----------------------------------------------------------------------------------------------
 def recipe(pretrain_config) -> dict:
   """base_lr, epochs and schedule of the reference linear probe for this pretraining run."""
-  if pretrain_config.method in ('mocov1', 'mocov2'):
-    return dict(base_lr=30.0, epochs=100.0, schedule='steps')
-  return dict(models.backbone(pretrain_config.model).probe_recipe)
+  own = getattr(methods.method_class(pretrain_config), 'probe_recipe', None)
+  return dict(own or models.backbone(pretrain_config.model).probe_recipe)
 
 
 def resolve(probe_config, pretrain_config) -> ml_collections.ConfigDict:

@@ -50,6 +50,10 @@ class Method(Protocol):
   # True: the step updates `momentum_params` as an EMA of the parameters of the same names
   # (config.momentum's schedule) before calling `loss`. False: `momentum_params` stays {}.
   has_momentum_encoder: ClassVar[bool]
+  # The reference linear probe (base_lr, epochs, schedule) of this method's papers, where it
+  # differs from the backbone's (models/backbone.py): MoCo v1/v2's SGD at lr 30. None: the
+  # backbone's.
+  probe_recipe: ClassVar[Optional[dict]] = None
 
   @staticmethod
   def config_problems(config) -> list:

@@ -82,6 +82,8 @@ class MoCoV1V2:
   """Builds the query/key encoders from the config and computes the queue loss."""
 
   has_momentum_encoder = True
+  # The v1/v2 linear probe: SGD at lr 30 for 100 epochs, lr x 0.1 at 60 and 80.
+  probe_recipe = dict(base_lr=30.0, epochs=100.0, schedule='steps')
   # Sub-trees of the base parameters that the key encoder averages: all of them.
   momentum_keys = ('backbone', 'head')
 

@@ -72,3 +72,15 @@ def test_interrupted_augmented_probe_resumes_the_same_run(resnet_run, toy_source
     linear_probe.run(str(workdir), _probe_config(epochs=2.0, crop_scale=(0.2, 1.0),
                                                  checkpoint_every_steps=4),
                      outdir=str(tmp_path / 'cut'), **sources)
+
+
+def test_probe_recipe_follows_the_method_then_the_backbone():
+  """The reference probes: MoCo v1/v2 SGD lr 30 for 100 epochs with steps (the method's own);
+  otherwise the backbone's: ViT lr 3.0, ResNet lr 0.1, 90 epochs cosine."""
+  from configs import demo, demo_mocov1, demo_mocov2, demo_mocov3_resnet, demo_simclr
+  want = {demo_mocov1: (30.0, 100.0, 'steps'), demo_mocov2: (30.0, 100.0, 'steps'),
+          demo: (3.0, 90.0, 'cosine'), demo_simclr: (3.0, 90.0, 'cosine'),
+          demo_mocov3_resnet: (0.1, 90.0, 'cosine')}
+  for module, (base_lr, epochs, schedule) in want.items():
+    assert linear_probe.recipe(module.get_config()) == dict(
+        base_lr=base_lr, epochs=epochs, schedule=schedule), module.__name__
