@@ -22,9 +22,15 @@ def tiny_config():
   return tiny()
 
 
+@pytest.fixture(scope='module')
+def make_tiny_config():
+  """`tiny`, for module-scoped fixtures (a test module cannot import this conftest by name:
+  tests/hand_off has one too)."""
+  return tiny
+
+
 def tiny():
-  """MoCo v3 with a 2-block ViT on 28x28 single-channel images: fast enough for CPU tests.
-  (A function too, for module-scoped fixtures.)"""
+  """MoCo v3 with a 2-block ViT on 28x28 single-channel images: fast enough for CPU tests."""
   from configs import demo
   c = demo.get_config()
   c.model.width, c.model.depth, c.model.num_heads, c.model.patch_size = 32, 2, 2, 7

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-import conftest
 from configs import common
 from mocojax import methods, validate
 from mocojax import step as step_lib
@@ -112,7 +111,7 @@ def test_byol_loss_regresses_the_target_and_no_gradient_reaches_it(tiny_config):
 
 # --------------------------------------------------------------- steps on 1 and 8 devices
 @pytest.fixture(scope='module')
-def runs():
+def runs(make_tiny_config):
   """STEPS steps of each method on 1 and on 8 devices, as the trainer sets them up; the 1-device
   run keeps a host copy of the state before every step (the step donates its input)."""
   if jax.device_count() < 8:
@@ -121,7 +120,7 @@ def runs():
            for v in (1, 2)}
   out = {}
   for name, recipe in (('simclr', common.simclr), ('byol', common.byol)):
-    c = recipe(conftest.tiny())
+    c = recipe(make_tiny_config())
     # SGD: parameter updates are linear in the gradients (see test_train's 1 vs 8 devices).
     c.warmup_epochs, c.optimizer.base_lr, c.optimizer.name = 0.0, 1e-1, 'sgd'
     for n in (1, 8):
