@@ -19,13 +19,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for logs and results.
 
 def main(argv):
   del argv
-  from mocojax import checkpoint
-  checkpoint.quiet_orbax_logging()
-  import tensorflow as tf
-  # tf.data runs on the host; keep TensorFlow off any accelerator JAX is using.
-  tf.config.set_visible_devices([], 'GPU')
-  from mocojax.evaluation import fine_tuning
-  result = fine_tuning.run(_ENCODER.value, _CONFIG.value, _WORKDIR.value)
+  from mocojax import commands
+  commands.start_host()
+  from mocojax.downstream import fine_tuning
+  with commands.exits_for_expected_stops():
+    result = fine_tuning.run(_ENCODER.value, _CONFIG.value, _WORKDIR.value)
   logging.info('Done: %s', result)
   print({'top1': round(result['top1'], 4), 'steps': result['steps']})
 

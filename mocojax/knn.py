@@ -35,8 +35,7 @@ def evaluate(workdir: str, *, step=None, ks=None, temperature=None, batch_size=N
 
   from mocojax import models, parallel
   from mocojax.data import sources
-  from mocojax.evaluation import features as features_lib
-  from mocojax.evaluation import knn as knn_lib
+  from mocojax.evaluation import evaluators
   from mocojax.hand_off import pretraining_run
 
   mesh = mesh or parallel.make_mesh()
@@ -53,12 +52,11 @@ def evaluate(workdir: str, *, step=None, ks=None, temperature=None, batch_size=N
   # Both splits are opened (and fail with the path and the fix) before anything compiles.
   bank_source = sources.get_source(d, bank_split)
   query_source = sources.get_source(d, query_split)
-  (bf, bl, bm), (qf, ql, qm) = (
-      features_lib.split_features(backbone.features, backbone.variables, source, data_config=d,
-                                  batch_size=batch_size, mesh=mesh)
-      for source in (bank_source, query_source))
-  acc = knn_lib.knn_accuracy(bf, bl, qf, ql, num_classes=bank_source.num_classes, ks=ks,
-                             temperature=temperature, mesh=mesh, bank_mask=bm, query_mask=qm)
+  # The trainer's kNN monitor, on the restored backbone.
+  knn = evaluators.Knn(features=backbone.features, variables_of=lambda b: b.variables,
+                       bank=bank_source, queries=query_source, data_config=d,
+                       batch_size=batch_size, ks=ks, temperature=temperature, mesh=mesh)
+  acc = knn.accuracies(backbone)
   record = dict(step=backbone.step, top1={str(k): acc[k] for k in ks}, temperature=temperature,
                 feature=models.feature_name(config.model) + ', L2-normalised, inference mode',
                 bank=f'{d.name}:{bank_split} ({bank_source.num_examples}, centre crop)',
@@ -72,11 +70,8 @@ def evaluate(workdir: str, *, step=None, ks=None, temperature=None, batch_size=N
 
 def main(argv):
   del argv
-  from mocojax import checkpoint
-  checkpoint.quiet_orbax_logging()
-  import tensorflow as tf
-  # tf.data runs on the host; keep TensorFlow off any accelerator JAX is using.
-  tf.config.set_visible_devices([], 'GPU')
+  from mocojax import commands
+  commands.start_host()
   r = evaluate(_WORKDIR.value, step=_STEP.value, ks=_KS.value, temperature=_TEMPERATURE.value,
                batch_size=_BATCH.value, data_dir=_DATA_DIR.value, bank_split=_BANK.value,
                query_split=_QUERY.value)

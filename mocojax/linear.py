@@ -17,13 +17,11 @@ _OUTDIR = flags.DEFINE_string('outdir', None, 'Where to write results; default '
 
 def main(argv):
   del argv
-  from mocojax import checkpoint
-  checkpoint.quiet_orbax_logging()
-  import tensorflow as tf
-  # tf.data runs on the host; keep TensorFlow off any accelerator JAX is using.
-  tf.config.set_visible_devices([], 'GPU')
-  from mocojax.evaluation import linear_probe
-  result, _ = linear_probe.run(_WORKDIR.value, _CONFIG.value, outdir=_OUTDIR.value)
+  from mocojax import commands
+  commands.start_host()
+  from mocojax.downstream import linear_probe
+  with commands.exits_for_expected_stops():
+    result, _ = linear_probe.run(_WORKDIR.value, _CONFIG.value, outdir=_OUTDIR.value)
   logging.info('Done: %s', result)
   print({k: result[k] for k in ('top1', 'best_lr', 'top1_by_lr', 'mode')})
 

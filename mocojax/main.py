@@ -85,21 +85,11 @@ def main(argv):
   except validate.ConfigError as e:
     sys.exit(str(e))
   distributed.check_same_config(_CONFIG.value, _WORKDIR.value)
-  from mocojax import checkpoint
-  checkpoint.quiet_orbax_logging()
-  import tensorflow as tf
-  # tf.data runs on the host; keep TensorFlow off any accelerator JAX is using.
-  tf.config.set_visible_devices([], 'GPU')
-  from mocojax import preemption, train, workdir_lock
-  try:
+  from mocojax import commands
+  commands.start_host()
+  from mocojax import train
+  with commands.exits_for_expected_stops():
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except preemption.Preempted as e:
-    # Saved and stopped: the exit status says "ended by the signal" to schedulers and scripts.
-    logging.warning('%s', e)
-    print(e, file=sys.stderr)
-    sys.exit(e.exit_code)
-  except (train.DivergenceError, workdir_lock.WorkdirBusyError, checkpoint.CheckpointError) as e:
-    sys.exit(str(e))  # one line says what happened and what to do; a traceback would bury it
   logging.info('Done: %s', summary)
   print({k: round(v, 4) for k, v in summary.items()})
 

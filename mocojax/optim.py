@@ -39,9 +39,15 @@ def learning_rate_schedule(config, steps_per_epoch: int):
     # v1: step decay by 0.1 at the given epochs (no warmup).
     boundaries = {int(round(e * steps_per_epoch)): 0.1 for e in config.optimizer.decay_epochs}
     return optax.piecewise_constant_schedule(peak, boundaries)
+  return warmup_cosine(peak, warmup, total)
+
+
+def warmup_cosine(peak: float, warmup: int, total: int, end: float = 0.0):
+  """Linear warmup from 0 to `peak` over `warmup` steps, then half-cosine to `end` at `total`
+  (pretraining's schedule, and fine-tuning's with its min_lr)."""
   if warmup == 0:
-    return optax.cosine_decay_schedule(peak, total)
-  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, 0.0)
+    return optax.cosine_decay_schedule(peak, total, alpha=end / peak)
+  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end)
 
 
 def frozen_labels(params, frozen_prefixes):

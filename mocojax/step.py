@@ -47,14 +47,6 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------
 # The step.
 # ----------------------------------------------------------------------------------------------
-def _max_abs_under(tree, prefix: str):
-  """Infinity-norm of the leaves at or under `prefix`; NaN (or inf) if any of them has one."""
-  prefix = prefix.rstrip('/')
-  leaves = [jnp.max(jnp.abs(x)) for path, x in jax.tree_util.tree_leaves_with_path(tree)
-            if (name := parallel.path_name(path)) == prefix or name.startswith(prefix + '/')]
-  return jnp.max(jnp.stack(leaves)) if leaves else jnp.float32(jnp.nan)
-
-
 def train_step(state: TrainState, batch, *, method, tx, lr_schedule, momentum_schedule,
                grad_probes: dict, layer_groups: tuple = (), probe_tx=None):
   """One pretraining step of `method`. Pure: (state, batch) -> (state, metrics)."""
@@ -79,11 +71,10 @@ def train_step(state: TrainState, batch, *, method, tx, lr_schedule, momentum_sc
                  update_norm=optax.tree.norm(updates), **aux['metrics'])
   # The v3 paper's Fig. 5 signals: the infinity-norm of first-layer and last-block gradients.
   for name, prefix in grad_probes.items():
-    metrics[f'grad_max/{name}'] = _max_abs_under(grads, prefix)
-  # ... and of every layer group, input to output: one vector, so that the host's per-step
-  # divergence check fetches one array (and names the first layer that went non-finite).
+    metrics[f'grad_max/{name}'] = models.max_abs_under(grads, prefix)
+  # ... and of every layer group, input to output (the divergence check reads it).
   if layer_groups:
-    metrics['grad_inf'] = jnp.stack([_max_abs_under(grads, g) for g in layer_groups])
+    metrics['grad_inf'] = models.group_inf_norms(grads, layer_groups)
   probe = state.probe
   if probe is not None:
     probe, probe_metrics = online_probe.update(probe, aux['features'], batch['label'], probe_tx)

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mocojax import checkpoint as ckpt_lib
+from mocojax import loop
 from mocojax import metrics_log
 from mocojax import parallel
 from mocojax import preemption
@@ -78,6 +79,15 @@ def _wait_for_step(proc, workdir, step, timeout=300):
   raise AssertionError(f'step {step} not reached in {timeout} s')
 
 
+def _event_steps(workdir, tag):
+  import tensorflow as tf
+  steps = []
+  for path in sorted(tf.io.gfile.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+  return sorted(steps)
+
+
 def _final_state(workdir, step=100):
   path = os.path.join(workdir, 'checkpoints', str(step), 'state')
   return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
@@ -118,6 +128,9 @@ def test_kill_term_and_resume_lose_at_most_one_step_and_end_bit_identical(tiny_c
   steps = [r['step'] for r in _rows(run) if 'loss' in r]
   assert steps == list(range(1, 101))
   assert [r['loss'] for r in _rows(run)] == [r['loss'] for r in _rows(tmp_path / 'reference')]
+  # So do the TensorBoard events: the resumed runs cut what the killed ones logged after their
+  # checkpoints.
+  assert _event_steps(run, 'loss') == list(range(1, 101))
   a, b = _final_state(tmp_path / 'reference'), _final_state(run)
   assert len(a) == len(b) > 10
   for x, y in zip(a, b):
@@ -307,6 +320,29 @@ def test_metrics_log_keeps_each_step_once_after_a_resume(tmp_path):
   assert [r['loss'] for r in rows] == [1, 2, 3, 4, 5, 60, 70, 80]
 
 
+def test_metrics_writer_keeps_each_step_once_in_tensorboard_too(tmp_path):
+  import tensorflow as tf
+  writer = loop.MetricsWriter(str(tmp_path))
+  for s in range(1, 8):
+    writer.write(s, {'loss': s})
+  writer.close()
+  [path] = tf.io.gfile.glob(str(tmp_path / 'events.out.tfevents.*'))
+  with open(path, 'ab') as f:
+    f.write(b'\x20\x00\x00')  # a record cut short by a kill
+  writer = loop.MetricsWriter(str(tmp_path), resume_step=5)
+  for s in range(6, 9):
+    writer.write(s, {'loss': 10 * s})
+  writer.close()
+  assert _event_steps(tmp_path, 'loss') == list(range(1, 9))
+  values = {}
+  for p in tf.io.gfile.glob(str(tmp_path / 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(p):
+      values.update({event.step: float(tf.make_ndarray(v.tensor)) for v in event.summary.value})
+  assert [values[s] for s in range(1, 9)] == [1, 2, 3, 4, 5, 60, 70, 80]
+  assert [r['step'] for r in metrics_log.read_rows(str(tmp_path / 'metrics.jsonl'))] == list(
+      range(1, 9))
+
+
 def test_watcher_turns_sigterm_into_a_request_and_restores_the_handler():
   before = signal.getsignal(signal.SIGTERM)
   with preemption.Watcher() as w:
@@ -321,28 +357,28 @@ def test_watcher_turns_sigterm_into_a_request_and_restores_the_handler():
 # Divergence.
 # ----------------------------------------------------------------------------------------------
 GROUPS = ('backbone/patch_embed', 'backbone/blocks_0', 'backbone/blocks_1', 'projector')
-GUARD = ml_collections.ConfigDict(dict(max_update_ratio=1.0, max_param_norm_growth=10.0))
+GUARD = loop.Guard(max_update_ratio=1.0, max_param_norm_growth=10.0, start_param_norm=25.0)
 
 
 def _check(**values):
   v = dict(loss=1.0, param_norm=30.0, update_norm=0.01, grad_inf=np.array([0.0, 1.0, 2.0, 0.5]))
   v.update(values)
-  train.check_divergence(v, 7, layer_groups=GROUPS, guard=GUARD, start_param_norm=25.0,
-                         checkpoint_dir='/w/checkpoints')
+  loop.check_step(v, 7, groups=GROUPS, guard=GUARD, checkpoint_dir='/w/checkpoints',
+                  advice='Lower optimizer.base_lr')
 
 
 def test_divergence_check_names_the_step_and_the_first_bad_layer():
   _check()  # healthy
-  with pytest.raises(train.DivergenceError, match=r'Step 7 diverged: the loss is nan'):
+  with pytest.raises(loop.DivergenceError, match=r'Step 7 diverged: the loss is nan'):
     _check(loss=float('nan'))
-  with pytest.raises(train.DivergenceError,
-                     match=r'non-finite from backbone/blocks_1 on \(2 of 4 layer groups\)'):
+  with pytest.raises(loop.DivergenceError,
+                     match=r'non-finite from backbone/blocks_1 on \(2 of 4 parameter groups\)'):
     _check(grad_inf=np.array([0.0, 1.0, np.inf, np.nan]))
-  with pytest.raises(train.DivergenceError, match=r'update norm 40 exceeds .*max_update_ratio=1'):
+  with pytest.raises(loop.DivergenceError, match=r'update norm 40 exceeds .*max_update_ratio=1'):
     _check(update_norm=40.0)
-  with pytest.raises(train.DivergenceError, match=r'largest gradient is in backbone/blocks_1'):
+  with pytest.raises(loop.DivergenceError, match=r'largest gradient is in backbone/blocks_1'):
     _check(param_norm=300.0)  # 12x the start
-  with pytest.raises(train.DivergenceError, match='/w/checkpoints') as e:
+  with pytest.raises(loop.DivergenceError, match='/w/checkpoints') as e:
     _check(loss=float('inf'))
   assert '\n' not in str(e.value)
   _check(param_norm=240.0)  # 9.6x: within the bound
@@ -356,7 +392,7 @@ def test_a_diverging_run_stops_before_saving(tiny_config, tmp_path):
   c.total_steps, c.optimizer.base_lr = 30, 8.0
   c.warmup_epochs = 20 / (60_000 // c.batch_size)
   c.checkpoint_every_steps, c.eval.knn_at_end, c.online_probe.enabled = 1, False, False
-  with pytest.raises(train.DivergenceError,
+  with pytest.raises(loop.DivergenceError,
                      match=r'Step \d+ diverged: the (update|parameter) norm') as e:
     train.train_and_evaluate(c, str(tmp_path))
   diverged = int(str(e.value).split()[1])

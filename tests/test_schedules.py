@@ -26,6 +26,20 @@ def test_lr_schedule_endpoints_and_batch_scaling(tiny_config):
   assert optim.schedule_steps(c, spe // 4) == (50, 250)
 
 
+@pytest.mark.parametrize('warmup_epochs', [0.0, 1.0])
+def test_fine_tuning_lr_ends_at_min_lr(warmup_epochs):
+  from configs import finetune_demo
+  from mocojax.downstream import fine_tuning
+  c = finetune_demo.get_config()
+  c.base_lr, c.batch_size, c.epochs, c.warmup_epochs, c.min_lr = 1e-3, 512, 4.0, warmup_epochs, 1e-6
+  lr, total = fine_tuning.learning_rate_schedule(c, 10)
+  peak, warmup = 1e-3 * 2, int(warmup_epochs * 10)
+  assert total == 40 and float(lr(0)) == pytest.approx(peak if warmup == 0 else 0.0, rel=1e-6)
+  np.testing.assert_allclose(float(lr(warmup)), peak, rtol=1e-6)
+  np.testing.assert_allclose(float(lr((warmup + 40) / 2)), (peak + 1e-6) / 2, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(40)), 1e-6, rtol=1e-4)
+
+
 def test_momentum_schedule_endpoints():
   m = momentum.momentum_schedule(0.99, 1000, cosine=True)
   np.testing.assert_allclose(float(m(0)), 0.99, rtol=1e-7)

@@ -33,6 +33,7 @@ from mocojax.data.sources import Source
 # augmentation never reuse the same random numbers.
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
+LABELLED_STREAM = 2  # the crops of the probe's and fine-tuning's input (data/labelled.py)
 
 
 def steps_per_epoch(source: Source, global_batch: int) -> int:
@@ -45,7 +46,7 @@ def steps_per_epoch(source: Source, global_batch: int) -> int:
   return steps
 
 
-def _host_split(global_batch: int, process_index, process_count):
+def host_split(global_batch: int, process_index, process_count):
   if process_index is None:
     process_index = jax.process_index()
   if process_count is None:
@@ -91,7 +92,7 @@ def train_steps(source: Source, *, global_batch: int, seed: int,
   Each epoch's permutation is computed once (not once per step) and split
   into steps; only the first epoch is entered mid-way.
   """
-  pi, _, b = _host_split(global_batch, process_index, process_count)
+  pi, _, b = host_split(global_batch, process_index, process_count)
   spe = steps_per_epoch(source, global_batch)
   start_epoch = start_step // spe
 
@@ -108,16 +109,18 @@ def train_steps(source: Source, *, global_batch: int, seed: int,
 
 
 def step_uniforms(seed: int, step, global_batch: int, process_index: int,
-                  per_host: int):
-  """This host's rows of the step's crop uniforms [b, 2, CROP_UNIFORMS].
+                  per_host: int, shape=(2, augment.CROP_UNIFORMS),
+                  stream: int = _AUGMENT_STREAM):
+  """This host's rows of the step's uniforms [b, *shape] (default: two
+  views' crop uniforms) of the random stream `stream` of `seed`.
 
-  Drawn for the whole global batch from a key of (seed, step) and sliced,
-  so row r's crops depend only on (seed, step, r, view), whatever the
+  Drawn for the whole global batch from a key of (seed, stream, step) and
+  sliced, so row r's draws depend only on (seed, step, r), whatever the
   number of hosts.
   """
-  key = _fold(_base_seed(seed), _AUGMENT_STREAM, step)
-  u = tf.random.stateless_uniform([global_batch, 2, augment.CROP_UNIFORMS],
-                                  key, dtype=tf.float32)
+  key = _fold(_base_seed(seed), stream, step)
+  u = tf.random.stateless_uniform([global_batch, *shape], key,
+                                  dtype=tf.float32)
   return u[process_index * per_host:(process_index + 1) * per_host]
 
 
@@ -139,7 +142,7 @@ def train_dataset(source: Source, *, global_batch: int, seed: int,
   whole step at a time; others (image files) are read, decoded once and
   cropped twice per example.
   """
-  pi, pc, b = _host_split(global_batch, process_index, process_count)
+  pi, pc, b = host_split(global_batch, process_index, process_count)
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0.')
   specs = recipes.view_specs(recipe, crop_scale, **(augment_overrides or {}))
@@ -227,7 +230,7 @@ def eval_dataset(source: Source, *, global_batch: int, image_size: int,
   mask=False, so over all hosts each example has mask=True exactly once and
   every host runs the same number of steps.
   """
-  pi, _, b = _host_split(global_batch, process_index, process_count)
+  pi, _, b = host_split(global_batch, process_index, process_count)
   n = source.num_examples
   num_batches = -(-n // global_batch)
 

@@ -10,38 +10,38 @@ AXIS = 'data'
 
 @functools.partial(jax.jit, static_argnames='sharding')
 def _concat_rows(parts, sharding):
-    # Constrained (not left to propagation) so the result is row-sharded whatever XLA would prefer;
-    # the static sharding keeps one cache entry per (mesh, number of batches).
-    return jax.lax.with_sharding_constraint(jnp.concatenate(parts), sharding)
+  # Constrained (not left to propagation) so the result is row-sharded whatever XLA would prefer;
+  # the static sharding keeps one cache entry per (mesh, number of batches).
+  return jax.lax.with_sharding_constraint(jnp.concatenate(parts), sharding)
 
 
 def extract_features(feature_fn, variables, batches, *, mesh: Mesh):
-    """Runs `feature_fn(variables, images) -> [B, D]` over `batches`; returns (features, labels, mask).
+  """Runs `feature_fn(variables, images) -> [B, D]` over `batches`; returns (features, labels, mask).
 
-    `batches` yields dicts {'image', 'label', 'mask'} of global arrays sharded over 'data', padded to
-    whole global batches (mask False on padding). The outputs keep that padding and stay sharded over
-    'data' in batch order, so nothing is gathered to a host; pass `mask` on as the kNN bank/query mask.
-    """
-    rows = NamedSharding(mesh, P(AXIS))
-    # Inputs are already placed, so jit follows their shardings; only the output layout is pinned.
-    apply = jax.jit(feature_fn, out_shardings=rows)
-    features, labels, masks = [], [], []
-    for batch in batches:
-        features.append(apply(variables, batch['image']))
-        labels.append(batch['label'])
-        masks.append(batch['mask'])
-    if not features:
-        raise ValueError('no batches to extract features from')
-    return (_concat_rows(features, rows), _concat_rows(labels, rows), _concat_rows(masks, rows))
+  `batches` yields dicts {'image', 'label', 'mask'} of global arrays sharded over 'data', padded to
+  whole global batches (mask False on padding). The outputs keep that padding and stay sharded over
+  'data' in batch order, so nothing is gathered to a host; pass `mask` on as the kNN bank/query mask.
+  """
+  rows = NamedSharding(mesh, P(AXIS))
+  # Inputs are already placed, so jit follows their shardings; only the output layout is pinned.
+  apply = jax.jit(feature_fn, out_shardings=rows)
+  features, labels, masks = [], [], []
+  for batch in batches:
+    features.append(apply(variables, batch['image']))
+    labels.append(batch['label'])
+    masks.append(batch['mask'])
+  if not features:
+    raise ValueError('no batches to extract features from')
+  return (_concat_rows(features, rows), _concat_rows(labels, rows), _concat_rows(masks, rows))
 
 
 def split_features(feature_fn, variables, source, *, data_config, batch_size: int, mesh: Mesh):
-    """(features, labels, mask) of every example of `source`: resize + centre crop, no
-    augmentation, normalised as `data_config` says; row-sharded and padded as above."""
-    from mocojax import parallel  # the data pipeline (TensorFlow) only where features are made
-    from mocojax.data import pipeline
-    d = data_config
-    batches = pipeline.eval_batches(source, sharding=parallel.batch_sharding(mesh),
-                                    global_batch=batch_size, image_size=d.image_size,
-                                    mean=d.mean, std=d.std)
-    return extract_features(feature_fn, variables, batches, mesh=mesh)
+  """(features, labels, mask) of every example of `source`: resize + centre crop, no
+  augmentation, normalised as `data_config` says; row-sharded and padded as above."""
+  from mocojax import parallel  # the data pipeline (TensorFlow) only where features are made
+  from mocojax.data import pipeline
+  d = data_config
+  batches = pipeline.eval_batches(source, sharding=parallel.batch_sharding(mesh),
+                                  global_batch=batch_size, image_size=d.image_size,
+                                  mean=d.mean, std=d.std)
+  return extract_features(feature_fn, variables, batches, mesh=mesh)

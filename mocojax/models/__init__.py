@@ -1,10 +1,12 @@
 """Backbones by name (`model.name`), each declared once in its own module (models/backbone.py),
-and the layer groups of a parameter tree."""
+and the layer groups of a parameter tree (with their gradients' infinity-norms)."""
 
 import re
 
+import jax
 import jax.numpy as jnp
 
+from mocojax import parallel
 from mocojax.models import resnet as resnet_lib
 from mocojax.models import vit as vit_lib
 from mocojax.models.backbone import Backbone
@@ -94,3 +96,17 @@ def order_layer_groups(names) -> list:
   split = [tuple(n.split('/', 1)) if '/' in n else (n, None) for n in names]
   split.sort(key=lambda g: _group_order(*g))
   return [f'{top}/{child}' if child else top for top, child in split]
+
+
+def max_abs_under(tree, prefix: str):
+  """Infinity-norm of the leaves at or under `prefix`; NaN (or inf) if any of them has one."""
+  prefix = prefix.rstrip('/')
+  leaves = [jnp.max(jnp.abs(x)) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+            if (name := parallel.path_name(path)) == prefix or name.startswith(prefix + '/')]
+  return jnp.max(jnp.stack(leaves)) if leaves else jnp.float32(jnp.nan)
+
+
+def group_inf_norms(tree, groups) -> jax.Array:
+  """[len(groups)] infinity-norms of `tree` (e.g. gradients) per layer group: one vector, so
+  that the host's per-step finite check fetches one array and can name the first bad group."""
+  return jnp.stack([max_abs_under(tree, g) for g in groups])

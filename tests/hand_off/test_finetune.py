@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import finetune_demo
-from mocojax.evaluation import fine_tuning
+from mocojax.downstream import fine_tuning
 from mocojax.hand_off import encoder
 
 
@@ -107,3 +107,25 @@ def test_interrupted_fine_tuning_resumes_the_same_run(pretraining_run, toy_sourc
     fine_tuning.run(str(out), _config(total_steps=12, epochs=2.0, base_lr=5e-3,
                                       eval_every_epochs=0, checkpoint_every_steps=4),
                     str(tmp_path / 'cut'), **sources)
+
+
+def test_a_diverging_fine_tuning_run_stops_unsaved(pretraining_run, toy_sources, tmp_path):
+  """The loop's finite-check policy: the step is named, with the first non-finite layer group,
+  and no checkpoint of it (or later) exists."""
+  import os
+
+  import pytest
+
+  from mocojax import loop
+  workdir, _ = pretraining_run
+  out = tmp_path / 'encoder'
+  encoder.export_encoder(str(workdir), str(out))
+  c = _config(total_steps=12, epochs=2.0, base_lr=1e30, eval_every_epochs=0,
+              checkpoint_every_steps=1)
+  with pytest.raises(loop.DivergenceError,
+                     match=r'Step (\d+) diverged: .*non-finite from backbone/\w+ on') as e:
+    fine_tuning.run(str(out), c, str(tmp_path / 'ft'), train_source=toy_sources[0],
+                    eval_source=toy_sources[1])
+  diverged = int(str(e.value).split()[1])
+  saved = [int(d) for d in os.listdir(tmp_path / 'ft' / 'checkpoints') if d.isdigit()]
+  assert all(s < diverged for s in saved), (saved, diverged)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import linear_probe as probe_configs
-from mocojax.evaluation import linear_probe
+from mocojax.downstream import linear_probe
 from mocojax.hand_off import pretraining_run as run_lib
 
 
@@ -84,3 +84,21 @@ def test_probe_recipe_follows_the_method_then_the_backbone():
   for module, (base_lr, epochs, schedule) in want.items():
     assert linear_probe.recipe(module.get_config()) == dict(
         base_lr=base_lr, epochs=epochs, schedule=schedule), module.__name__
+
+
+@pytest.mark.parametrize('fast', [True, False])
+def test_a_diverging_head_stops_the_probe_and_is_named(pretraining_run, toy_sources, tmp_path,
+                                                       fast):
+  from mocojax import loop
+  workdir, _ = pretraining_run
+  c = _probe_config(fast=fast, epochs=2.0, lr_multipliers=(1.0, 1e38), checkpoint_every_steps=1)
+  with pytest.raises(loop.DivergenceError,
+                     match=r'Step \d+ diverged: the loss is \w+ for lr=7\.5e\+37') as e:
+    linear_probe.run(str(workdir), c, outdir=str(tmp_path / 'probe'),
+                     train_source=toy_sources[0], eval_source=toy_sources[1])
+  assert 'lr=0.75' not in str(e.value).split('.')[0]
+  if not fast:
+    diverged = int(str(e.value).split()[1])
+    saved = [int(d.name) for d in (tmp_path / 'probe' / 'checkpoints').iterdir()
+             if d.name.isdigit()]
+    assert all(s < diverged for s in saved), (saved, diverged)

@@ -27,6 +27,7 @@ feature pass, and its epochs take seconds.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -39,14 +40,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from jax.sharding import Mesh
 
 from mocojax import checkpoint as ckpt_lib
-from mocojax import methods, models, parallel
-from mocojax.data import pipeline, sources
+from mocojax import loop as loop_lib
+from mocojax import methods, models, parallel, preemption
+from mocojax.data import labelled, pipeline, sources
 from mocojax.data.sources import Source
-from mocojax.evaluation import classification
+from mocojax.downstream import classification
 from mocojax.evaluation import features as features_lib
 from mocojax.hand_off import pretraining_run
 
@@ -118,8 +119,14 @@ def init_heads(settings, num_classes: int, feature_dim: int, seed: int):
   return heads, tx, init
 
 
+def head_names(peak_lrs) -> tuple:
+  """The heads' names in logged metrics ('loss/lr=0.75'): their peak learning rates."""
+  return tuple(f'lr={lr:g}' for lr in peak_lrs)
+
+
 def head_step(state: HeadState, features, labels, *, heads, tx, lr_factor, peak_lrs):
-  """One SGD step of every head on the same features [B, D]; returns (state, losses [K])."""
+  """One SGD step of every head on the same features [B, D]; returns (state, metrics) with
+  the loss [K] and the gradient's infinity-norm [K] of each head, and the lr factor."""
   features = jax.lax.stop_gradient(features)
 
   def loss_fn(params):
@@ -133,8 +140,12 @@ def head_step(state: HeadState, features, labels, *, heads, tx, lr_factor, peak_
   direction, opt_state = tx.update(grads, state.opt_state, state.params)
   lrs = jnp.asarray(peak_lrs, jnp.float32) * lr_factor(state.step)
   updates = jax.tree.map(lambda d: -d * lrs.reshape((-1,) + (1,) * (d.ndim - 1)), direction)
+  num_heads = len(peak_lrs)
+  grad_inf = jnp.max(jnp.stack([jnp.max(jnp.abs(g.reshape(num_heads, -1)), axis=1)
+                                for g in jax.tree.leaves(grads)]), axis=0)
+  metrics = dict(loss=losses, grad_inf=grad_inf, lr_factor=lr_factor(state.step))
   return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                       batch_stats=batch_stats, opt_state=opt_state), losses
+                       batch_stats=batch_stats, opt_state=opt_state), metrics
 
 
 def head_logits(heads, state: HeadState, features):
@@ -161,7 +172,7 @@ def _check_padding_at_end(mask, n: int):
 
 
 def _fast_epochs(settings, heads, tx, lr_factor, peak_lrs, mesh):
-  """jit(state, features, labels, rows [steps, B]) -> (state, losses [steps, K])."""
+  """jit(state, features, labels, rows [steps, B]) -> (state, metrics of every step [steps, ...])."""
   data = parallel.batch_sharding(mesh)
 
   def epoch(state, features, labels, rows):
@@ -208,6 +219,36 @@ class RawPixels:
     return images.reshape(images.shape[0], -1)
 
 
+@dataclasses.dataclass
+class HeadsTop1:
+  """Evaluator: top-1 of every head on the eval split (resize + centre crop), features from
+  the frozen backbone."""
+  heads: Any
+  backbone: Any
+  source: Source
+  sharding: Any
+  data_config: Any
+  batch_size: int
+  names: tuple
+
+  def __post_init__(self):
+    self._count = jax.jit(lambda s, v, b: classification.count_correct(
+        head_logits(self.heads, s, self.backbone.features(v, b['image'])), b['label'],
+        b['mask']))
+
+  def run(self, state) -> dict:
+    d, total = self.data_config, 0
+    for batch in pipeline.eval_batches(self.source, sharding=self.sharding,
+                                       global_batch=self.batch_size, image_size=d.image_size,
+                                       mean=d.mean, std=d.std):
+      total = total + self._count(state, self.backbone.variables, batch)
+    return _accuracies(self.names, jax.device_get(total), self.source.num_examples)
+
+
+def _accuracies(names, correct, n) -> dict:
+  return {f'top1/{name}': float(c) / n for name, c in zip(names, correct)}
+
+
 def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
         train_source: Optional[Source] = None, eval_source: Optional[Source] = None,
         mesh: Optional[Mesh] = None):
@@ -217,8 +258,15 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
   PretrainedBackbone} (the backbone exactly as restored: nothing here writes to it).
 
   `train_source`/`eval_source` replace the splits the pretraining data config names (tests,
-  other datasets).
+  other datasets). A step at which any head is not finite raises loop.DivergenceError (naming
+  the step and the head); SIGTERM/SIGINT save the augmented probe and raise
+  preemption.Preempted.
   """
+  with preemption.Watcher() as watcher:
+    return _probe(workdir, probe_config, outdir, train_source, eval_source, mesh, watcher)
+
+
+def _probe(workdir, probe_config, outdir, train_source, eval_source, mesh, watcher):
   mesh = mesh or parallel.make_mesh()
   backbone = pretraining_run.restore_backbone(workdir, probe_config.get('step'), mesh=mesh)
   if probe_config.get('raw_pixels', False):
@@ -233,13 +281,13 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
   primary = jax.process_index() == 0
   if primary:
     os.makedirs(outdir, exist_ok=True)
-  writer = metric_writers.create_default_writer(outdir, just_logging=not primary)
 
   spe = pipeline.steps_per_epoch(train_source, settings.batch_size)
   total_steps = max(1, int(round(settings.epochs * spe)))
   eval_every = int(round(settings.eval_every_epochs * spe)) if settings.eval_every_epochs else 0
   lr_factor = lr_factor_schedule(settings, spe)
   peak_lrs = peak_learning_rates(settings)
+  names = head_names(peak_lrs)
   feature_dim = jax.eval_shape(
       backbone.features, backbone.variables,
       jax.ShapeDtypeStruct((1, d.image_size, d.image_size, train_source.image_shape[-1]),
@@ -263,108 +311,60 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
       state, start_step = resumed, meta['step']
       logging.info('Resumed the linear probe from %s at step %d.', checkpointer.directory,
                    start_step)
-
-  metrics_log = os.path.join(outdir, 'metrics.jsonl')
   if primary:
-    if start_step == 0:
-      open(metrics_log, 'w').close()   # a fresh probe starts its log; a resumed one appends
     with open(os.path.join(outdir, 'config.json'), 'w') as f:
       f.write(settings.to_json_best_effort(indent=2))
-
-  def write(step, scalars):
-    writer.write_scalars(step, scalars)
-    if primary:
-      with open(metrics_log, 'a') as f:
-        f.write(json.dumps({'step': step, **{k: float(v) for k, v in scalars.items()}}) + '\n')
-
-  def accuracies(correct, n):
-    return {f'top1/lr={lr:g}': float(c) / n for lr, c in zip(peak_lrs, correct)}
+  writer = loop_lib.MetricsWriter(outdir, resume_step=start_step)
+  check = functools.partial(
+      loop_lib.check_step, groups=names,
+      checkpoint_dir=checkpointer.directory if checkpointer else '',
+      advice='Lower base_lr, or drop the lr_multipliers of the heads named')
 
   t0 = time.time()
   if settings.fast:
-    train_f, train_y, train_m = cache_features(backbone, train_source, settings, d, mesh)
-    eval_f, eval_y, eval_m = cache_features(backbone, eval_source, settings, d, mesh)
-    _check_padding_at_end(train_m, train_source.num_examples)
-    logging.info('Cached features of %d + %d images in %.1fs.', train_source.num_examples,
-                 eval_source.num_examples, time.time() - t0)
-    # Replicated so every step's gather is local (fast mode is for data sets whose features
-    # fit on each device).
-    train_f, train_y = jax.jit(lambda *a: a, out_shardings=replicated)(train_f, train_y)
-    epoch_fn = _fast_epochs(settings, heads, tx, lr_factor, peak_lrs, mesh)
-
-    def evaluate(state):
-      return _count_cached(heads, state, eval_f, eval_y, eval_m, settings.eval_batch_size)
-
-    step = 0
-    for epoch in range(int(np.ceil(total_steps / spe))):
-      steps = min(spe, total_steps - step)
-      order = np.random.default_rng([settings.seed, epoch]).permutation(
-          train_source.num_examples)
-      rows = jax.device_put(order[:steps * settings.batch_size].reshape(
-          steps, settings.batch_size).astype(np.int32), replicated)
-      state, losses = epoch_fn(state, train_f, train_y, rows)
-      step += steps
-      losses = np.asarray(jax.device_get(losses)).mean(axis=0)
-      scalars = {f'loss/lr={lr:g}': l for lr, l in zip(peak_lrs, losses)}
-      scalars.update(epoch=step / spe, lr_factor=float(lr_factor(step - 1)))
-      if (eval_every and step % eval_every == 0) and step < total_steps:
-        scalars.update(accuracies(evaluate(state), eval_source.num_examples))
-      write(step, scalars)
+    state, final = _fast(settings, backbone, heads, tx, lr_factor, peak_lrs, names, state, d,
+                         train_source, eval_source, mesh, writer, check, spe, total_steps,
+                         eval_every)
   else:
     step_fn = jax.jit(
         lambda s, v, b: head_step(s, backbone.features(v, b['image']), b['label'], heads=heads,
                                   tx=tx, lr_factor=lr_factor, peak_lrs=peak_lrs),
         in_shardings=(replicated, replicated, data_sharding),
         out_shardings=(replicated, replicated), donate_argnums=0)
-    count = jax.jit(lambda s, v, b: classification.count_correct(
-        head_logits(heads, s, backbone.features(v, b['image'])), b['label'], b['mask']),
-        in_shardings=(replicated, replicated, data_sharding), out_shardings=replicated)
-
-    def evaluate(state):
-      total = 0
-      for batch in pipeline.eval_batches(eval_source, sharding=data_sharding,
-                                         global_batch=settings.eval_batch_size,
-                                         image_size=d.image_size, mean=d.mean, std=d.std):
-        total = total + count(state, backbone.variables, batch)
-      return np.asarray(jax.device_get(total))
-
-    batches = classification.train_batches(
+    top1 = HeadsTop1(heads, backbone, eval_source, data_sharding, d, settings.eval_batch_size,
+                     names)
+    batches = labelled.train_batches(
         train_source, sharding=data_sharding, global_batch=settings.batch_size,
         seed=settings.seed, start_step=start_step, image_size=d.image_size, mean=d.mean,
         std=d.std, crop_scale=settings.crop_scale)
-    pending = []
     stop_at = min(total_steps, settings.get('stop_after_steps') or total_steps)
-    for step in range(start_step + 1, stop_at + 1):
-      state, losses = step_fn(state, backbone.variables, next(batches))
-      pending.append(losses)
-      if step % settings.log_every_steps == 0 or step == total_steps:
-        losses = np.mean(jax.device_get(pending), axis=0)
-        pending = []
-        scalars = {f'loss/lr={lr:g}': l for lr, l in zip(peak_lrs, losses)}
-        scalars.update(epoch=step / spe, lr_factor=float(lr_factor(step - 1)))
-        if not np.all(np.isfinite(losses)):
-          logging.warning('Non-finite loss at step %d for lr %s.', step,
-                          [f'{lr:g}' for lr, l in zip(peak_lrs, losses) if not np.isfinite(l)])
-        write(step, scalars)
-      if step % settings.checkpoint_every_steps == 0 or step == stop_at:
-        checkpointer.save(step, state, dict(seed=settings.seed, next_step=step), force=True)
-      if eval_every and step % eval_every == 0 and step < total_steps:
-        write(step, accuracies(evaluate(state), eval_source.num_examples))
-    checkpointer.close()
+    loop = loop_lib.Loop(
+        writer=writer, steps_per_epoch=spe, examples_per_step=settings.batch_size,
+        log_every=settings.log_every_steps, checkpointer=checkpointer,
+        checkpoint_every=settings.checkpoint_every_steps, seed=settings.seed, watcher=watcher,
+        check=check, checked=('loss', 'grad_inf'), vectors={'loss': names, 'grad_inf': names})
+    try:
+      state, summary = loop.run(state, lambda s, b: step_fn(s, backbone.variables, b), batches,
+                                start_step=start_step, stop_at=stop_at,
+                                evaluators=[loop_lib.Every(top1, eval_every, at_end=True)])
+    finally:
+      checkpointer.close()
+    final = {k: v for k, v in summary.items() if k.startswith('top1/')}
+    if len(final) < len(names):  # rerun after the end: nothing left to train
+      final = top1.run(state)
 
-  final = accuracies(evaluate(state), eval_source.num_examples)
-  best = int(np.argmax([final[f'top1/lr={lr:g}'] for lr in peak_lrs]))
+  best = int(np.argmax([final[f'top1/{name}'] for name in names]))
   result = dict(
-      top1=final[f'top1/lr={peak_lrs[best]:g}'], best_lr=float(f'{peak_lrs[best]:.6g}'),
+      top1=final[f'top1/{names[best]}'], best_lr=float(f'{peak_lrs[best]:.6g}'),
       best_base_lr=float(f'{settings.base_lr * settings.lr_multipliers[best]:.6g}'),
-      top1_by_lr={f'{lr:g}': final[f'top1/lr={lr:g}'] for lr in peak_lrs},
+      top1_by_lr={f'{lr:g}': final[f'top1/{name}'] for lr, name in zip(peak_lrs, names)},
       mode='fast' if settings.fast else 'augmented', epochs=float(settings.epochs),
       steps=int(total_steps), batch_size=int(settings.batch_size),
       feature_norm=bool(settings.feature_norm), pretraining_workdir=os.path.abspath(workdir),
       pretraining_step=backbone.step, eval_examples=int(eval_source.num_examples),
       resumed_from=start_step,
       seconds=round(time.time() - t0, 1))
-  write(total_steps, {**final, 'top1': result['top1']})
+  writer.write(total_steps, {'top1': result['top1']})
   writer.flush()
   if primary:
     with open(os.path.join(outdir, 'result.json'), 'w') as f:
@@ -372,3 +372,46 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
   logging.info('Linear probe: top-1 %.4f (best of %d heads, lr %g).', result['top1'],
                len(peak_lrs), result['best_lr'])
   return result, dict(heads=state, backbone=backbone)
+
+
+def _fast(settings, backbone, heads, tx, lr_factor, peak_lrs, names, state, d, train_source,
+          eval_source, mesh, writer, check, spe, total_steps, eval_every):
+  """The fast mode: features cached once, then whole epochs of head steps in one scan each.
+  Returns (state, top-1 per head)."""
+  t0 = time.time()
+  replicated = parallel.replicated(mesh)
+  train_f, train_y, train_m = cache_features(backbone, train_source, settings, d, mesh)
+  eval_f, eval_y, eval_m = cache_features(backbone, eval_source, settings, d, mesh)
+  _check_padding_at_end(train_m, train_source.num_examples)
+  logging.info('Cached features of %d + %d images in %.1fs.', train_source.num_examples,
+               eval_source.num_examples, time.time() - t0)
+  # Replicated so every step's gather is local (fast mode is for data sets whose features
+  # fit on each device).
+  train_f, train_y = jax.jit(lambda *a: a, out_shardings=replicated)(train_f, train_y)
+  epoch_fn = _fast_epochs(settings, heads, tx, lr_factor, peak_lrs, mesh)
+
+  def evaluate(state):
+    correct = _count_cached(heads, state, eval_f, eval_y, eval_m, settings.eval_batch_size)
+    return _accuracies(names, correct, eval_source.num_examples)
+
+  step = 0
+  for epoch in range(int(np.ceil(total_steps / spe))):
+    steps = min(spe, total_steps - step)
+    order = np.random.default_rng([settings.seed, epoch]).permutation(
+        train_source.num_examples)
+    rows = jax.device_put(order[:steps * settings.batch_size].reshape(
+        steps, settings.batch_size).astype(np.int32), replicated)
+    state, metrics = epoch_fn(state, train_f, train_y, rows)
+    metrics = jax.device_get(metrics)
+    # The loop's finite check, on each step of the epoch: the first bad step is named.
+    for i in range(steps):
+      check({k: metrics[k][i] for k in ('loss', 'grad_inf')}, step + i + 1)
+    step += steps
+    scalars = {f'loss/{name}': l for name, l in zip(names, metrics['loss'].mean(axis=0))}
+    scalars.update(epoch=step / spe, lr_factor=float(lr_factor(step - 1)))
+    if (eval_every and step % eval_every == 0) and step < total_steps:
+      scalars.update(evaluate(state))
+    writer.write(step, scalars)
+  final = evaluate(state)
+  writer.write(step, final)
+  return state, final

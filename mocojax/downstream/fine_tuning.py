@@ -8,7 +8,7 @@ table are layer 0, block i is layer i + 1, the final norm and the head layer L +
 layer l's update is scaled by layer_decay ** (L + 1 - l). Biases, norm parameters, [CLS] and
 the position table get no weight decay (timm's no_weight_decay set).
 
-Training images are RandomResizedCrop + flip (classification.train_dataset); the recipes of
+Training images are RandomResizedCrop + flip (data/labelled.py); the recipes of
 the papers add RandAugment, mixup/cutmix and drop-path, which this module does not have.
 Reports top-1 on the eval split (resize + centre crop).
 
@@ -17,6 +17,8 @@ config) go to <workdir>/checkpoints every `checkpoint_every_steps`; rerunning th
 resumes from the latest one and continues the same run, batch for batch.
 """
 
+import dataclasses
+import functools
 import json
 import os
 import time
@@ -26,17 +28,16 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
 from jax.sharding import Mesh
 
 from mocojax import checkpoint as ckpt_lib
-from mocojax import models, parallel
-from mocojax.data import pipeline, sources
+from mocojax import loop as loop_lib
+from mocojax import models, optim, parallel, preemption
+from mocojax.data import labelled, pipeline, sources
 from mocojax.data.sources import Source
-from mocojax.evaluation import classification
+from mocojax.downstream import classification
 from mocojax.hand_off import encoder as encoder_lib
 
 _NO_DECAY_NAMES = ('cls_token', 'pos_embed')
@@ -82,17 +83,10 @@ def weight_decay_mask(params):
 
 
 def learning_rate_schedule(config, steps_per_epoch: int):
-  total = config.get('total_steps') or int(round(config.epochs * steps_per_epoch))
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  if config.get('total_steps') and config.epochs:
-    warmup = int(round(total * config.warmup_epochs / config.epochs))
-  if total <= 0:
-    raise ValueError(f'The run has {total} steps: raise epochs or set total_steps.')
+  """(schedule, total steps): pretraining's warmup + cosine, ending at config.min_lr."""
+  warmup, total = optim.schedule_steps(config, steps_per_epoch)
   peak = config.base_lr * config.batch_size / 256
-  warmup = min(warmup, total - 1)
-  if warmup == 0:
-    return optax.cosine_decay_schedule(peak, total, alpha=config.min_lr / peak), total
-  return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, config.min_lr), total
+  return optim.warmup_cosine(peak, warmup, total, config.min_lr), total
 
 
 def build_optimizer(config, params, backbone: nn.Module, lr):
@@ -106,7 +100,8 @@ def build_optimizer(config, params, backbone: nn.Module, lr):
       optax.stateless(lambda updates, _: jax.tree.map(lambda u, s: u * s, updates, scales)))
 
 
-def train_step(state: FineTuneState, batch, *, model, tx, lr, label_smoothing: float):
+def train_step(state: FineTuneState, batch, *, model, tx, lr, label_smoothing: float,
+               layer_groups: tuple = ()):
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
                                   batch['image'], train=True, mutable=['batch_stats'])
@@ -118,6 +113,8 @@ def train_step(state: FineTuneState, batch, *, model, tx, lr, label_smoothing: f
   params = optax.apply_updates(state.params, updates)
   metrics = dict(loss=loss, lr=lr(state.step), grad_norm=optax.tree.norm(grads),
                  train_top1=jnp.mean(jnp.argmax(logits, -1) == batch['label']))
+  if layer_groups:  # for the loop's finite check, which names the first non-finite group
+    metrics['grad_inf'] = models.group_inf_norms(grads, layer_groups)
   return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                        opt_state=opt_state), metrics
 
@@ -160,19 +157,52 @@ def _data_config(config, info):
   return d, mean, std
 
 
+@dataclasses.dataclass
+class Top1:
+  """Evaluator: top-1 of the classifier on the eval split (resize + centre crop)."""
+  model: nn.Module
+  source: Source
+  sharding: Any
+  batch_size: int
+  image_size: int
+  mean: tuple
+  std: tuple
+
+  def __post_init__(self):
+    self._count = jax.jit(lambda s, b: classification.count_correct(
+        self.model.apply({'params': s.params, 'batch_stats': s.batch_stats}, b['image'],
+                         train=False), b['label'], b['mask']))
+
+  def run(self, state) -> dict:
+    correct = 0
+    for batch in pipeline.eval_batches(self.source, sharding=self.sharding,
+                                       global_batch=self.batch_size, image_size=self.image_size,
+                                       mean=self.mean, std=self.std):
+      correct = correct + self._count(state, batch)
+    return {'top1': float(jax.device_get(correct)) / self.source.num_examples}
+
+
 def run(encoder_path: str, config, workdir: str, *, train_source: Optional[Source] = None,
         eval_source: Optional[Source] = None, mesh: Optional[Mesh] = None) -> dict:
   """Fine-tunes the encoder in `encoder_path` per `config`; writes metrics and result.json to
-  `workdir`; returns the result (top1 on the eval split, and the run's settings)."""
+  `workdir`; returns the result (top1 on the eval split, and the run's settings).
+
+  SIGTERM/SIGINT save the step and raise preemption.Preempted; a step that is not finite raises
+  loop.DivergenceError and is not saved. Rerunning the same call resumes.
+  """
   parallel.check_batch_size(config.batch_size, 'batch_size')
   parallel.check_batch_size(config.eval_batch_size, 'eval_batch_size')
+  with preemption.Watcher() as watcher:
+    return _fine_tune(encoder_path, config, workdir, train_source, eval_source, mesh, watcher)
+
+
+def _fine_tune(encoder_path, config, workdir, train_source, eval_source, mesh, watcher) -> dict:
   mesh = mesh or parallel.make_mesh(tuple(tuple(a) for a in config.mesh))
   primary = jax.process_index() == 0
   if primary:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
-  writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
   d = config.data
   train_source = train_source or sources.get_source(d, d.train_split)
   eval_source = eval_source or sources.get_source(d, d.eval_split)
@@ -190,79 +220,55 @@ def run(encoder_path: str, config, workdir: str, *, train_source: Optional[Sourc
                                        config.keep_checkpoints,
                                        config.get('async_checkpointing', True))
   # The config is checked before anything compiles; eval_shape only traces.
+  abstract = jax.eval_shape(init, variables)
   state, meta = checkpointer.resume(jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-      jax.eval_shape(init, variables)))
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract))
   start_step = meta['step'] if meta else 0
   if state is None:
     state = init(variables)
   else:
     logging.info('Resumed fine-tuning from %s at step %d.', checkpointer.directory, start_step)
   del variables  # the state holds (replicated copies of) them now
+  layer_groups = tuple(models.layer_groups(abstract.params))
   step_fn = jax.jit(
       lambda s, b: train_step(s, b, model=model, tx=tx, lr=lr,
-                              label_smoothing=config.label_smoothing),
+                              label_smoothing=config.label_smoothing, layer_groups=layer_groups),
       in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
       donate_argnums=0)
-  count = jax.jit(
-      lambda s, b: classification.count_correct(
-          model.apply({'params': s.params, 'batch_stats': s.batch_stats}, b['image'],
-                      train=False), b['label'], b['mask']),
-      in_shardings=(replicated, data_sharding), out_shardings=replicated)
+  top1 = Top1(model, eval_source, data_sharding, config.eval_batch_size, size, tuple(mean),
+              tuple(std))
 
-  def evaluate(state):
-    correct = 0
-    for batch in pipeline.eval_batches(eval_source, sharding=data_sharding,
-                                       global_batch=config.eval_batch_size, image_size=size,
-                                       mean=mean, std=std):
-      correct = correct + count(state, batch)
-    return float(jax.device_get(correct)) / eval_source.num_examples
-
-  metrics_log = os.path.join(workdir, 'metrics.jsonl')
-  if primary and start_step == 0:
-    open(metrics_log, 'w').close()  # a fresh run starts its log afresh; a resumed one appends
-
-  def write(step, scalars):
-    writer.write_scalars(step, scalars)
-    if primary:
-      with open(metrics_log, 'a') as f:
-        f.write(json.dumps({'step': step, **{k: float(v) for k, v in scalars.items()}}) + '\n')
-
-  batches = classification.train_batches(train_source, sharding=data_sharding,
-                                         global_batch=config.batch_size, seed=config.seed,
-                                         start_step=start_step, image_size=size, mean=mean,
-                                         std=std, crop_scale=config.crop_scale)
+  batches = labelled.train_batches(train_source, sharding=data_sharding,
+                                   global_batch=config.batch_size, seed=config.seed,
+                                   start_step=start_step, image_size=size, mean=mean, std=std,
+                                   crop_scale=config.crop_scale)
   stop_at = min(total, config.get('stop_after_steps') or total)
   eval_every = int(round(config.eval_every_epochs * spe)) if config.eval_every_epochs else 0
   logging.info('Fine-tuning %s: %d steps (%d/epoch), %d classes, image size %d.', encoder_path,
                total, spe, train_source.num_classes, size)
-  t0, pending = time.time(), []
-  for step in range(start_step + 1, stop_at + 1):
-    state, metrics = step_fn(state, next(batches))
-    pending.append(metrics)
-    if step % config.log_every_steps == 0 or step == stop_at:
-      host = jax.device_get(pending)
-      scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-      scalars['epoch'] = step / spe
-      if not np.isfinite(scalars['loss']):
-        raise FloatingPointError(f'Fine-tuning loss became {scalars["loss"]} at step {step}; '
-                                 'lower base_lr or raise warmup_epochs.')
-      write(step, scalars)
-      pending = []
-    if step % config.checkpoint_every_steps == 0 or step == stop_at:
-      checkpointer.save(step, state, dict(seed=config.seed, next_step=step), force=True)
-    if eval_every and step % eval_every == 0 and step < stop_at:
-      write(step, {'top1': evaluate(state)})
-
-  checkpointer.close()
-  top1 = evaluate(state)
-  write(stop_at, {'top1': top1})
-  writer.flush()
-  result = dict(top1=top1, steps=int(stop_at), epochs=stop_at / spe, resumed_from=start_step,
-                encoder=os.path.abspath(encoder_path), eval_examples=int(eval_source.num_examples),
-                seconds=round(time.time() - t0, 1))
+  writer = loop_lib.MetricsWriter(workdir, resume_step=start_step)
+  loop = loop_lib.Loop(
+      writer=writer, steps_per_epoch=spe, examples_per_step=config.batch_size,
+      log_every=config.log_every_steps, checkpointer=checkpointer,
+      checkpoint_every=config.checkpoint_every_steps, seed=config.seed, watcher=watcher,
+      check=functools.partial(loop_lib.check_step, groups=layer_groups,
+                              checkpoint_dir=checkpointer.directory,
+                              advice='Lower base_lr or raise warmup_epochs'),
+      checked=('loss', 'grad_inf'), vectors={'grad_inf': layer_groups})
+  t0 = time.time()
+  try:
+    state, summary = loop.run(state, step_fn, batches, start_step=start_step, stop_at=stop_at,
+                              evaluators=[loop_lib.Every(top1, eval_every, at_end=True)])
+    if 'top1' not in summary:  # rerun after the end: nothing left to train
+      summary = top1.run(state)
+  finally:
+    checkpointer.close()
+    writer.flush()
+  result = dict(top1=summary['top1'], steps=int(stop_at), epochs=stop_at / spe,
+                resumed_from=start_step, encoder=os.path.abspath(encoder_path),
+                eval_examples=int(eval_source.num_examples), seconds=round(time.time() - t0, 1))
   if primary:
     with open(os.path.join(workdir, 'result.json'), 'w') as f:
       json.dump(result, f, indent=2)
-  logging.info('Fine-tuning: top-1 %.4f after %d steps.', top1, stop_at)
+  logging.info('Fine-tuning: top-1 %.4f after %d steps.', result['top1'], stop_at)
   return result
