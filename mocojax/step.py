@@ -105,7 +105,7 @@ def build(config, steps_per_epoch: int, channels: int, num_classes: int = 0):
 
   With num_classes > 0 and config.online_probe.enabled, the state carries an online probe.
   """
-  dtype = jnp.dtype(config.get('dtype', 'float32'))
+  dtype = jnp.dtype(config.dtype)
   method = methods.build_method(config, dtype)
   warmup, total = optim.schedule_steps(config, steps_per_epoch)
   del warmup
@@ -116,7 +116,7 @@ def build(config, steps_per_epoch: int, channels: int, num_classes: int = 0):
   if method.has_momentum_encoder:
     m = momentum_lib.momentum_schedule(config.momentum.base, total, config.momentum.cosine)
   probe_tx = None
-  if num_classes and config.get('online_probe') and config.online_probe.enabled:
+  if num_classes and config.online_probe.enabled:
     probe_tx = online_probe.optimizer(config.online_probe)
   step_fn = functools.partial(train_step, method=method, tx=tx, lr_schedule=lr,
                               momentum_schedule=m, grad_probes=models.grad_probes(config.model),
@@ -147,8 +147,8 @@ def setup(config, mesh, steps_per_epoch: int, channels: int, num_classes: int = 
   size = config.data.image_size
   sample = jnp.zeros((1, size, size, channels))
   abstract = jax.eval_shape(init_fn, jax.random.key(0), sample)
-  shardings = parallel.state_shardings(abstract, mesh, config.get('sharding_rules'),
-                                       config.get('fsdp_min_size', parallel.FSDP_MIN_SIZE))
+  shardings = parallel.state_shardings(abstract, mesh, config.sharding_rules,
+                                       config.fsdp_min_size)
   batch_sharding = parallel.batch_sharding(mesh)
   init = jax.jit(init_fn, out_shardings=shardings)
   step = jax.jit(parallel.gather_parameters(step_fn, mesh),

@@ -83,7 +83,7 @@ def _pretrain(config, workdir: str, watcher) -> dict:
   # compiled yet.
   checkpointer = ckpt_lib.Checkpointer(workdir, config, config.checkpoint_every_steps,
                                        config.keep_checkpoints,
-                                       config.get('async_checkpointing', True))
+                                       config.async_checkpointing)
   state, meta = checkpointer.resume(setup.abstract_state)
   if state is None:
     state = setup.init(jax.random.key(config.seed))
@@ -108,12 +108,12 @@ def _pretrain(config, workdir: str, watcher) -> dict:
       augment_overrides={k: tuple(v) if isinstance(v, (list, tuple)) else v
                          for k, v in d.augment.items() if v is not None})
 
-  stop_at = min(total_steps, config.get('stop_after_steps') or total_steps)
+  stop_at = min(total_steps, config.stop_after_steps or total_steps)
 
   # ---- Evaluators: kNN on the base backbone's features (and the online probe's accuracy).
   evaluators = []
   knn_every = int(round(config.eval.knn_every_epochs * steps_per_epoch))
-  at_end = config.eval.get('knn_at_end', True) and stop_at == total_steps
+  at_end = config.eval.knn_at_end and stop_at == total_steps
   if knn_every or at_end:
     eval_source = sources.get_source(config.data, config.data.eval_split)
     common = dict(features=setup.method.features, variables_of=variables_of, data_config=d,
@@ -139,7 +139,7 @@ def _pretrain(config, workdir: str, watcher) -> dict:
   # rows it keeps (their alarms were raised before).
   alarm = None
   if primary:
-    alarm = stability.Alarm.from_config(config.get('stability'), layer_groups)
+    alarm = stability.Alarm.from_config(config.stability, layer_groups)
     alarm.replay(metrics_log_lib.read_rows(writer.jsonl.path))
 
   def raise_alarms(step, events):
@@ -178,7 +178,7 @@ def _pretrain(config, workdir: str, watcher) -> dict:
       logging.error('Closing the checkpointer also failed: %s', e)
     raise
   checkpointer.close()
-  if primary and config.get('plot', True):
+  if primary and config.plot:
     from mocojax import report  # matplotlib only when plotting
     report.write_plots(workdir)
   return summary

@@ -136,10 +136,10 @@ def build(config, encoder_path: str, steps_per_epoch: int, num_classes: int, sha
   The encoder's variables are placed on `sharding` (default: the first local device).
   """
   info = encoder_lib.read_model_json(encoder_path)
-  image_size = config.get('image_size') or info['image_size']
-  overrides = config.get('model_overrides')
+  image_size = config.image_size or info['image_size']
+  overrides = config.model_overrides
   backbone, variables = encoder_lib.load_encoder(
-      encoder_path, image_size=image_size, dtype=jnp.dtype(config.get('dtype', 'float32')),
+      encoder_path, image_size=image_size, dtype=jnp.dtype(config.dtype),
       sharding=sharding, **(overrides.to_dict() if overrides else {}))
   model = Classifier(backbone, num_classes)
   lr, total = learning_rate_schedule(config, steps_per_epoch)
@@ -152,8 +152,8 @@ def build(config, encoder_path: str, steps_per_epoch: int, num_classes: int, sha
 
 def _data_config(config, info):
   d = config.data
-  mean = d.get('mean') or info['mean']
-  std = d.get('std') or info['std']
+  mean = d.mean or info['mean']
+  std = d.std or info['std']
   return d, mean, std
 
 
@@ -218,7 +218,7 @@ def _fine_tune(encoder_path, config, workdir, train_source, eval_source, mesh, w
                  out_shardings=replicated)
   checkpointer = ckpt_lib.Checkpointer(workdir, config, config.checkpoint_every_steps,
                                        config.keep_checkpoints,
-                                       config.get('async_checkpointing', True))
+                                       config.async_checkpointing)
   # The config is checked before anything compiles; eval_shape only traces.
   abstract = jax.eval_shape(init, variables)
   state, meta = checkpointer.resume(jax.tree.map(
@@ -242,7 +242,7 @@ def _fine_tune(encoder_path, config, workdir, train_source, eval_source, mesh, w
                                    global_batch=config.batch_size, seed=config.seed,
                                    start_step=start_step, image_size=size, mean=mean, std=std,
                                    crop_scale=config.crop_scale)
-  stop_at = min(total, config.get('stop_after_steps') or total)
+  stop_at = min(total, config.stop_after_steps or total)
   eval_every = int(round(config.eval_every_epochs * spe)) if config.eval_every_epochs else 0
   logging.info('Fine-tuning %s: %d steps (%d/epoch), %d classes, image size %d.', encoder_path,
                total, spe, train_source.num_classes, size)

@@ -73,13 +73,13 @@ def resolve(probe_config, pretrain_config) -> ml_collections.ConfigDict:
   """The probe config with every None taken from the recipe or the pretraining config."""
   c = ml_collections.ConfigDict(probe_config.to_dict())
   for k, v in recipe(pretrain_config).items():
-    if c.get(k) is None:
+    if c[k] is None:
       c[k] = v
   if c.schedule not in ('cosine', 'steps'):
     raise ValueError(f"schedule={c.schedule!r}: use 'cosine' or 'steps'.")
   if not c.lr_multipliers:
     raise ValueError('lr_multipliers is empty: give at least one (1.0 is the recipe lr).')
-  if c.get('eval_batch_size') is None:
+  if c.eval_batch_size is None:
     c.eval_batch_size = pretrain_config.eval.batch_size
   parallel.check_batch_size(c.batch_size, 'batch_size')
   parallel.check_batch_size(c.eval_batch_size, 'eval_batch_size')
@@ -202,7 +202,7 @@ def _count_cached(heads, state, features, labels, mask, chunk: int) -> np.ndarra
 def _data_config(pretrain_config, settings):
   d = ml_collections.ConfigDict(pretrain_config.data.to_dict())
   for field in ('data_dir', 'train_split', 'eval_split'):
-    if settings.get(field) is not None:
+    if settings[field] is not None:
       d[field] = settings[field]
   return d
 
@@ -268,8 +268,8 @@ def run(workdir: str, probe_config, *, outdir: Optional[str] = None,
 
 def _probe(workdir, probe_config, outdir, train_source, eval_source, mesh, watcher):
   mesh = mesh or parallel.make_mesh()
-  backbone = pretraining_run.restore_backbone(workdir, probe_config.get('step'), mesh=mesh)
-  if probe_config.get('raw_pixels', False):
+  backbone = pretraining_run.restore_backbone(workdir, probe_config.step, mesh=mesh)
+  if probe_config.raw_pixels:
     backbone = RawPixels(backbone.config, backbone.step)
   pre = backbone.config
   settings = resolve(probe_config, pre)
@@ -337,7 +337,7 @@ def _probe(workdir, probe_config, outdir, train_source, eval_source, mesh, watch
         train_source, sharding=data_sharding, global_batch=settings.batch_size,
         seed=settings.seed, start_step=start_step, image_size=d.image_size, mean=d.mean,
         std=d.std, crop_scale=settings.crop_scale)
-    stop_at = min(total_steps, settings.get('stop_after_steps') or total_steps)
+    stop_at = min(total_steps, settings.stop_after_steps or total_steps)
     loop = loop_lib.Loop(
         writer=writer, steps_per_epoch=spe, examples_per_step=settings.batch_size,
         log_every=settings.log_every_steps, checkpointer=checkpointer,

@@ -12,7 +12,7 @@ import optax
 
 
 def optimizer(probe_config):
-  return optax.adamw(probe_config.lr, weight_decay=probe_config.get('weight_decay', 0.0))
+  return optax.adamw(probe_config.lr, weight_decay=probe_config.weight_decay)
 
 
 def init(feature_dim: int, num_classes: int, tx):

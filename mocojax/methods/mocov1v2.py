@@ -75,7 +75,7 @@ def enqueue(queue, ptr, keys):
 
 
 def keys_per_step(config) -> int:
-  return config.batch_size * (2 if config.get('symmetric', False) else 1)
+  return config.batch_size * (2 if config.symmetric else 1)
 
 
 class MoCoV1V2:
@@ -100,8 +100,8 @@ class MoCoV1V2:
     self.temperature = config.temperature
     self.queue_size = config.queue_size
     self.out_dim = config.head.out_dim
-    self.symmetric = config.get('symmetric', False)
-    self.shuffle_bn = config.get('shuffle_bn', True)
+    self.symmetric = config.symmetric
+    self.shuffle_bn = config.shuffle_bn
 
   def init(self, rng, images):
     """Both encoders' variables (the key encoder a copy of the query one) and a random queue."""
