@@ -25,8 +25,9 @@ memory analysis.
   # An accelerator missing from the table below, or a different peak:
   python bench/train_step.py --models=vit_small --batch=128 --peak_tflops=312
 
-Models: `demo` is configs/demo.py at its own batch (256, 28 px, 1 channel); `vit_small` is
-configs/mocov3_vit_small.py at 224 px with global batch --batch (must divide by the devices).
+Models: `demo` is configs/demo.py at its own batch (256, 28 px, 1 channel); `vit_small` and
+`vit_base` are configs/mocov3_vit_{small,base}.py at 224 px with global batch --batch (must
+divide by the devices).
 `--dtype=bfloat16` sets `config.dtype`, the compute dtype of the modules; parameters,
 optimizer state and the input batch stay float32, as in training.
 
@@ -43,12 +44,26 @@ in x out per layer. A step is, for each of the 2 views, the base encoder forward
 plus, when present, the online probe (a D x classes matmul on view 1 and its weight gradient).
 The EMA and optimizer updates (O(params)) are left out of the estimate.
 
+Levers one at a time: `--set` overrides any config setting, each value read as the type of
+the setting it replaces, e.g. `--set=model.attention=cudnn,model.remat=True`. `--compile_only`
+lowers and compiles the same step on abstract inputs (nothing is allocated, nothing runs) and
+prints XLA's compiled memory analysis and what the compiled program is made of; on the CPU
+backend it compiles with XLA's memory-optimised scheduler, as mocojax.plan does (the default
+one keeps activations alive for concurrency, so remat and smaller residuals barely show):
+
+  python bench/train_step.py --models=vit_base --batch=64 --dtype=bfloat16 --compile_only \
+      --set=model.attention=einsum,model.softmax_residual=float32
+
 MFU = achieved TFLOP/s (XLA count) / (devices x peak per device). The peak comes from
 --peak_tflops, else from a table of dense bf16 peaks keyed on `device.device_kind`; float32
 runs are also compared against the bf16 peak. On CPU no peak is known and MFU is not printed.
 """
 
+import ast
+import collections
+import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -63,7 +78,7 @@ from absl import app, flags  # noqa: E402
 
 _MODELS = flags.DEFINE_list(
     'models', ['demo', 'vit_small'],
-    'Models to measure: demo, vit_small, or the name of any module in configs/ (e.g. '
+    'Models to measure: demo, vit_small, vit_base, or the name of any module in configs/ (e.g. '
     'mocov2_resnet50, mocov3_resnet50, demo_mocov1).')
 _BATCH = flags.DEFINE_integer(
     'batch', 8, 'Global batch of the ImageNet configs (vit_small, *_resnet50); the Fashion-MNIST '
@@ -74,6 +89,13 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps; the step time is their m
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps run after compiling, before timing.')
 _PEAK = flags.DEFINE_float('peak_tflops', None,
                            'Peak TFLOP/s per device for MFU; default: table by device kind.')
+_SET = flags.DEFINE_string(
+    'set', '', 'Config overrides key=value, comma-separated, applied after --batch and '
+    '--dtype, e.g. model.attention=cudnn,model.remat=True; a value is read as the type of the '
+    'setting it replaces (tuples as Python literals).')
+_COMPILE_ONLY = flags.DEFINE_bool(
+    'compile_only', False, 'Lower and compile the step on abstract inputs and print its '
+    'compiled memory and op counts; run nothing.')
 
 # Dense bf16 peak TFLOP/s per device. Matched as substrings of device_kind, lower-cased, in
 # this order (so 'tpu v5 lite' is found before 'tpu v5').
@@ -89,7 +111,7 @@ PEAK_TFLOPS = (
     ('tpu v4', 275.0),
 )
 
-ALIASES = {'vit_small': 'mocov3_vit_small'}
+ALIASES = {'vit_small': 'mocov3_vit_small', 'vit_base': 'mocov3_vit_base'}
 
 
 def dataset_shape(config):
@@ -119,6 +141,47 @@ def load_config(name: str, batch: int, dtype: str):
       raise ValueError(f'{name}: the config has no dtype field, so --dtype={dtype} cannot apply.')
     config.dtype = dtype
   return config
+
+
+def split_overrides(text: str) -> list:
+  """'a.b=1,c=(1, 2)' -> ['a.b=1', 'c=(1, 2)']: a comma starts a new override only when a
+  `key=` follows it, so tuple values keep theirs."""
+  return [part for part in re.split(r',(?=\s*[\w.]+=)', text) if part.strip()]
+
+
+def _parse_value(text: str, kind):
+  if kind is str:
+    return text
+  if kind is bool:
+    if text.lower() not in ('true', 'false'):
+      raise ValueError(f'{text!r} is not True or False')
+    return text.lower() == 'true'
+  if kind in (int, float):
+    return None if text == 'None' else kind(text)
+  return ast.literal_eval(text)   # tuples, lists, None-valued settings
+
+
+def apply_overrides(config, overrides: list) -> None:
+  """Sets each 'dotted.key=value' of `overrides`; a value is read as the setting's type
+  (ml_collections' `get_type`, which knows the type of a None placeholder too)."""
+  from mocojax import validate
+  for item in overrides:
+    key, sep, text = (part.strip() for part in item.partition('='))
+    if not sep:
+      raise app.UsageError(f'--set: {item!r} is not key=value.')
+    unknown = validate.unknown_key(config, key)
+    if unknown:
+      raise app.UsageError(f'--set: {unknown}')
+    *groups, leaf = key.split('.')
+    node = config
+    for group in groups:
+      node = node[group]
+    kind = node.get_type(leaf)
+    try:
+      node[leaf] = _parse_value(text, kind)
+    except (ValueError, TypeError, SyntaxError) as e:
+      raise app.UsageError(f'--set: config.{key} is a {kind.__name__} setting; {text!r} does '
+                           f'not read as one ({e}).') from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +341,74 @@ def peak_memory(devices):
   return max(peaks), (max(limits) if limits else None)
 
 
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16': 2, 'f16': 2,
+                's16': 2, 'u16': 2, 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%\S+ = (\(.*?\)|\S+) ([\w-]+)\(')
+# Results that are views or bookkeeping, not buffers of their own.
+_NO_BUFFER = ('parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast')
+
+
+def _shape_bytes(shape: str) -> int:
+  total = 0
+  for dtype, dims in re.findall(r'(\w+)\[([\d,]*)\]', shape):
+    total += math.prod(int(d) for d in dims.split(',') if d) * _DTYPE_BYTES.get(dtype, 4)
+  return total
+
+
+def hlo_summary(hlo_text: str, largest: int = 5) -> dict:
+  """What a compiled module is made of: counts of its unfused ops by opcode, of its
+  custom-call targets (cuBLAS, cuDNN attention, ...), and its largest op results by shape.
+
+  Ops inside fusions are not counted: a fusion is one kernel and materialises only its
+  result. The largest results say which arrays the program writes out (e.g. [B, heads, N, N]
+  attention probabilities), not how long they live: that is the memory analysis's job.
+  """
+  fused = set(re.findall(r' fusion\(.*?calls=(%[\w.\-]+)', hlo_text))
+  ops, targets, results = collections.Counter(), collections.Counter(), collections.Counter()
+  skip = False
+  for line in hlo_text.splitlines():
+    header = re.match(r'^(?:ENTRY )?(%[\w.\-]+) .*\{$', line)
+    if header:
+      skip = header.group(1) in fused
+      continue
+    m = None if skip else _INSTRUCTION.match(line)
+    if not m:
+      continue
+    shape, op = m.groups()
+    ops[op] += 1
+    if op == 'custom-call':
+      target = re.search(r'custom_call_target="([^"]+)"', line)
+      targets[target.group(1) if target else '?'] += 1
+    if op not in _NO_BUFFER:
+      results[re.sub(r'\{[^}]*\}', '', shape)] += 1
+  top = sorted(results, key=lambda shape: -_shape_bytes(shape))[:largest]
+  return dict(ops=ops, custom_calls=targets,
+              largest=[(shape, results[shape], _shape_bytes(shape)) for shape in top])
+
+
+def print_hlo_summary(summary: dict) -> None:
+  ops = summary['ops']
+  print(f'  compiled program    {sum(ops.values()):,} unfused ops: {ops["fusion"]:,} fusions, '
+        f'{ops["custom-call"]:,} custom-calls, {ops["dot"] + ops["convolution"]:,} unfused '
+        f'dots/convolutions, {ops["copy"] + ops["transpose"]:,} copies/transposes, '
+        f'{ops["while"]:,} loops')
+  if summary['custom_calls']:
+    print('    custom-call targets: ' + ', '.join(
+        f'{t} x{n}' for t, n in summary['custom_calls'].most_common()))
+  print('    largest op results: ' + '; '.join(
+      f'{shape} x{n} ({mib(nbytes)} each)' for shape, n, nbytes in summary['largest']))
+
+
+def memory_fields(mem) -> dict:
+  """Bytes per device of a compiled memory analysis, and their total as live at once."""
+  fields = {k: int(getattr(mem, f'{k}_size_in_bytes', 0) or 0)
+            for k in ('argument', 'output', 'alias', 'temp', 'generated_code')}
+  fields['total'] = (fields['argument'] + fields['output'] - fields['alias'] + fields['temp']
+                     + fields['generated_code'])
+  fields['xla_peak'] = int(getattr(mem, 'peak_memory_in_bytes', 0) or 0)
+  return fields
+
+
 def mib(x) -> str:
   return f'{x / 2**20:,.1f} MiB'
 
@@ -304,7 +435,10 @@ def measure(name: str) -> dict:
   from mocojax import step as step_lib
 
   config = load_config(name, _BATCH.value, _DTYPE.value)
+  overrides = split_overrides(_SET.value)
+  apply_overrides(config, overrides)
   validate.check(config)
+  label = f'{name} [{", ".join(overrides)}]' if overrides else name
   train_examples, channels, num_classes = dataset_shape(config)
   steps_per_epoch = max(1, train_examples // config.batch_size)
   size = config.data.image_size
@@ -314,6 +448,8 @@ def measure(name: str) -> dict:
   # gather_parameters, jitted with the state donated and the metrics replicated.
   mesh = parallel.make_mesh(tuple(tuple(a) for a in config.mesh))
   setup = step_lib.setup(config, mesh, steps_per_epoch, channels, num_classes)
+  if _COMPILE_ONLY.value:
+    return compile_only(label, config, setup, channels, num_classes)
   data_sharding = setup.batch_sharding
   state = setup.init(jax.random.key(config.seed))
   train_step_jit = setup.step
@@ -384,7 +520,7 @@ def measure(name: str) -> dict:
   else:
     model_desc = (f'ResNet-{m.depth} width {m.width:g} ({ana["width"]}-d features), {size} px, '
                   f'{"small" if m.small_stem else "torchvision"} stem, BN {m.bn_stats}')
-  print(f'\n=== {name}: {config.method} train step, {model_desc}, dtype {_DTYPE.value}')
+  print(f'\n=== {label}: {config.method} train step, {model_desc}, dtype {_DTYPE.value}')
   print('  input: synthetic batches already on device; the input pipeline is excluded')
   print(f'  backend {d0.platform}, device kind {d0.device_kind!r}; mesh {dict(mesh.shape)}; '
         f'state {layout}, donated')
@@ -430,13 +566,9 @@ def measure(name: str) -> dict:
     print(f'  peak device memory  {mib(dev_mem[0])}{lim} (max over devices, since process start)')
   else:
     print(f'  peak device memory  n/a (device.memory_stats() unavailable on {d0.platform})')
-  if mem is not None:
-    print(f'  compiled memory     arguments {mib(mem.argument_size_in_bytes)}, outputs '
-          f'{mib(mem.output_size_in_bytes)}, aliased (donated) {mib(mem.alias_size_in_bytes)}, '
-          f'temporaries {mib(mem.temp_size_in_bytes)} (per device)')
-  else:
-    print('  compiled memory     n/a (memory_analysis() returned None)')
-  return dict(name=name, batch=b, devices=n_dev, compile_s=compile_s, lower_s=lower_s,
+  print_memory(mem, d0.platform)
+  print_hlo_summary(hlo_summary(compiled.as_text()))
+  return dict(name=label, batch=b, devices=n_dev, compile_s=compile_s, lower_s=lower_s,
               step_ms=step_s * 1e3, images_s=b / step_s, xla_gflop=(flops_step or 0) / 1e9,
               analytic_gflop=ana['step'] / 1e9, tflops=achieved_ana,
               # XLA's cost analysis does not count the cuBLAS/cuDNN custom calls a GPU program
@@ -446,25 +578,94 @@ def measure(name: str) -> dict:
               temp_mib=mem.temp_size_in_bytes / 2**20 if mem is not None else None)
 
 
+def print_memory(mem, platform: str) -> None:
+  if mem is None:
+    print('  compiled memory     n/a (memory_analysis() returned None)')
+    return
+  m = memory_fields(mem)
+  # The CPU backend reports its arguments as the peak: only other backends' estimate is shown.
+  peak = (f'; XLA\'s peak estimate {mib(m["xla_peak"])}' if m['xla_peak'] and platform != 'cpu'
+          else '')
+  print(f'  compiled memory     arguments {mib(m["argument"])}, outputs {mib(m["output"])}, '
+        f'aliased (donated) {mib(m["alias"])}, temporaries {mib(m["temp"])}, generated code '
+        f'{mib(m["generated_code"])}; total {mib(m["total"])} (per device){peak}')
+
+
+def compile_only(label: str, config, setup, channels: int, num_classes: int) -> dict:
+  """Lowers and compiles the step on the state's and a batch's shapes; runs nothing."""
+  import jax
+  import jax.numpy as jnp
+
+  b, size = config.batch_size, config.data.image_size
+  data = setup.batch_sharding
+  batch = {v: jax.ShapeDtypeStruct((b, size, size, channels), jnp.float32, sharding=data)
+           for v in ('view1', 'view2')}
+  batch['label'] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)  # as the timed run
+  t0 = time.perf_counter()
+  lowered = setup.step.lower(setup.abstract_state, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  d0 = jax.devices()[0]
+  m = config.model
+  print(f'\n=== {label}: {config.method} train step, compiled only, {m.name} '
+        f'{m.get("variant", m.get("depth"))}, {size} px, global batch {b}, dtype '
+        f'{config.get("dtype", "float32")}')
+  print(f'  backend {d0.platform}, device kind {d0.device_kind!r}, {jax.device_count()} '
+        f'device(s); XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  print(f'  lower / compile     {t1 - t0:.1f} s / {t2 - t1:.1f} s')
+  mem = compiled.memory_analysis()
+  print_memory(mem, d0.platform)
+  summary = hlo_summary(compiled.as_text())
+  print_hlo_summary(summary)
+  return dict(name=label, batch=b, devices=jax.device_count(), compile_s=t2 - t1,
+              memory=memory_fields(mem) if mem is not None else None,
+              fusions=summary['ops']['fusion'], custom_calls=summary['ops']['custom-call'])
+
+
+def _print_memory_table(rows) -> None:
+  print('\n| model | global batch | devices | compile s | arguments MiB | outputs MiB | aliased '
+        'MiB | temporaries MiB | generated code MiB | total MiB | fusions | custom-calls |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+  for r in rows:
+    m = r['memory'] or {}
+    cell = lambda k: f'{m[k] / 2**20:,.1f}' if k in m else 'n/a'
+    print(f'| {r["name"]} | {r["batch"]} | {r["devices"]} | {r["compile_s"]:.1f} | '
+          f'{cell("argument")} | {cell("output")} | {cell("alias")} | {cell("temp")} | '
+          f'{cell("generated_code")} | {cell("total")} | {r["fusions"]} | {r["custom_calls"]} |')
+
+
 def main(argv):
   del argv
   if _STEPS.value < 1 or _WARMUP.value < 0:
     raise app.UsageError('--steps must be >= 1 and --warmup >= 0.')
+  flags_now = os.environ.get('XLA_FLAGS', '')
+  if _COMPILE_ONLY.value and '--xla_cpu_scheduler_type' not in flags_now:
+    # Must be set before JAX starts its backend. It concerns the CPU backend alone (see
+    # mocojax/plan.py): memory figures then come from a memory-aware schedule.
+    os.environ['XLA_FLAGS'] = (
+        flags_now + ' --xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED').strip()
   import jax
+  runs = 'compile only' if _COMPILE_ONLY.value else (f'{_WARMUP.value} warmup + '
+                                                      f'{_STEPS.value} timed steps')
   print(f'jax {jax.__version__}; {jax.device_count()} device(s): {jax.devices()[0].device_kind}; '
-        f'dtype {_DTYPE.value}; {_WARMUP.value} warmup + {_STEPS.value} timed steps')
+        f'dtype {_DTYPE.value}; {runs}')
   rows = [measure(name) for name in _MODELS.value]
+  if _COMPILE_ONLY.value:
+    _print_memory_table(rows)
+    return
   print('\n| model | global batch | devices | compile s | step ms | images/s | XLA GFLOP/step '
         '| analytic GFLOP/step | TFLOP/s (analytic) | MFU (analytic) | MFU (XLA count; not on '
-        'GPU) | temp MiB |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+        'GPU) | temp MiB | peak device memory MiB |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   pct = lambda x: f'{100 * x:.2f}%' if x else 'n/a'
   for r in rows:
     temp = f'{r["temp_mib"]:,.0f}' if r['temp_mib'] is not None else 'n/a'
+    peak = f'{r["peak_mem"] / 2**20:,.0f}' if r['peak_mem'] is not None else 'n/a'
     print(f'| {r["name"]} | {r["batch"]} | {r["devices"]} | {r["compile_s"]:.1f} | '
           f'{r["step_ms"]:,.0f} | {rate(r["images_s"])} | {r["xla_gflop"]:,.1f} | '
           f'{r["analytic_gflop"]:,.1f} | {r["tflops"]:.4f} | {pct(r["mfu_analytic"])} | '
-          f'{pct(r["mfu"])} | {temp} |')
+          f'{pct(r["mfu"])} | {temp} | {peak} |')
 
 
 if __name__ == '__main__':

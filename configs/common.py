@@ -20,6 +20,12 @@ def mocov3_vit(variant: str = 'base', patch_size: int = 16) -> ml_collections.Co
   c.model = ml_collections.ConfigDict(dict(
       name='vit', variant=variant, patch_size=patch_size, posemb='sincos2d', pool='cls',
       gap_norm=True, stop_grad_patch_embed=True, remat=False,
+      # How the step is computed, not what (models/vit.py ATTENTION, SOFTMAX_RESIDUAL; equal
+      # paths: tests/test_attention.py). attention='einsum' is the reference; 'auto' takes
+      # cuDNN's fused attention on GPUs in bf16/fp16 (the [B, heads, N, N] probabilities never
+      # reach memory). It stays opt-in until bench/gpu_check.sh has run it on a GPU.
+      # softmax_residual='compute': in bf16 the backward keeps the probabilities in bf16 only.
+      attention='einsum', softmax_residual='compute',
       # Set width/depth/num_heads with variant='custom' for small models.
       width=ml_collections.FieldReference(None, field_type=int),
       depth=ml_collections.FieldReference(None, field_type=int),

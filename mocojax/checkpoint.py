@@ -33,6 +33,8 @@ RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoi
                      'stability',   # alarm thresholds only read the metrics
                      # the layout: a run may resume on another mesh (orbax reshards)
                      'mesh', 'sharding_rules', 'fsdp_min_size',
+                     # how the step is computed, not what: same maths, other speed/memory
+                     'model.remat', 'model.attention', 'model.softmax_residual',
                      # fine-tuning and probe configs name theirs differently
                      'eval_every_epochs', 'eval_batch_size')
 

@@ -35,6 +35,13 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 REFERENCE_PEAKS = (('TPU v4', 275.0), ('TPU v5e', 197.0), ('TPU v5p', 459.0),
                    ('A100', 312.0), ('H100 SXM', 989.0))
 
+# The one comparison with an accelerator so far, printed beside every memory figure: the CPU
+# compile's total against the peak bench/train_step.py measured on one H200 (2026-11-30).
+KNOWN_BIAS = (
+    '    known bias: ~30% high against one H200 for ViT-B/16 bf16 (einsum attention, float32\n'
+    '      softmax residuals): measured peaks 60.8 GiB at batch 256 and 98.8 GiB at 512, so\n'
+    '      ~42 GiB at 128 by interpolation, where this planner gave 54.9 GiB for 128 per device')
+
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 
 
@@ -189,6 +196,7 @@ def report(p: dict, name: str, peak_tflops=None, mfu: float = 0.4) -> str:
       f'    temporaries                    {gib(m["temp"])}',
       f'    outputs not aliased to inputs  {gib(m["output"] - m["alias"])}',
       f'    total                          {gib(total)}',
+      KNOWN_BIAS,
       f'  FLOPs per step: {global_tflop:,.1f} TFLOP over all devices '
       f'({p["flops_per_device"] / 1e12:,.2f} TFLOP per device; XLA\'s count before partitioning: '
       f'{p["flops_global_unpartitioned"] / 1e12:,.1f} TFLOP)',

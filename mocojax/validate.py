@@ -286,6 +286,11 @@ def _vit(p):
   from mocojax.models import vit
   p.one_of('model.posemb', VIT_POSEMB)
   p.one_of('model.pool', VIT_POOL)
+  p.one_of('model.attention', vit.ATTENTION)
+  p.one_of('model.softmax_residual', vit.SOFTMAX_RESIDUAL)
+  if p.get('model.attention') == 'cudnn' and p.get('dtype') not in ('bfloat16', 'float16'):
+    p.add('model.attention', 'cudnn', "needs config.dtype 'bfloat16' or 'float16' (cuDNN's "
+          f"fused attention has no float32), not {p.get('dtype')!r}", "use 'auto' or 'einsum'")
   p.need('model.patch_size', _positive_int, 'must be a positive integer',
          'e.g. 16 (224-px images) or 7 (28-px)')
   variant = p.get('model.variant')

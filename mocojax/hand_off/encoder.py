@@ -37,6 +37,9 @@ FORMATS = ('orbax', 'safetensors')
 # computes. They are reset on export so a fine-tuning run trains every layer; pass them to
 # `load_encoder` as overrides to change them.
 _TRAINING_ONLY = {'stop_grad_patch_embed': False, 'remat': False}
+# How the training machine computed attention (e.g. cuDNN, which a CPU does not have): left out,
+# so the machine that loads the encoder takes the module's defaults.
+_MACHINE_ONLY = ('attention', 'softmax_residual')
 
 _MAX_LISTED = 20
 
@@ -57,7 +60,7 @@ def input_channels(module: nn.Module, params, mean: Sequence[float]) -> int:
 def model_config_for_export(model_config) -> dict:
   d = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
   d.update({k: v for k, v in _TRAINING_ONLY.items() if k in d})
-  return d
+  return {k: v for k, v in d.items() if k not in _MACHINE_ONLY}
 
 
 def write_encoder(out_dir: str, model_config, variables: dict, *, image_size: int,

@@ -12,6 +12,7 @@ which keeps an export to PyTorch a matter of transposes.
 """
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable
@@ -33,6 +34,27 @@ SIZES = {
 }
 
 LN_EPS = 1e-6
+
+# model.attention: how a block computes softmax(q k^T / sqrt(d)) v. The four agree to rounding
+# (tests/test_attention.py); they differ in speed and in what the backward keeps.
+#   'einsum': two einsums and a float32 softmax, the reference; XLA materialises the
+#             [B, heads, N, N] probabilities and keeps them for the backward.
+#   'xla':    jax.nn.dot_product_attention(implementation='xla'), the same maths as JAX writes it.
+#   'cudnn':  cuDNN's fused (flash) attention on NVIDIA GPUs, bf16/fp16 only: nothing N x N
+#             reaches memory. The sequence is padded for it (`padded_attention`).
+#   'auto':   'cudnn' where it applies (`attention_implementation`), else 'einsum'.
+ATTENTION = ('auto', 'einsum', 'xla', 'cudnn')
+# model.softmax_residual: the dtype of the probabilities the einsum path keeps for the
+# backward. 'compute' (`softmax_keeping_output`) keeps only the probabilities in the compute
+# dtype, which the second einsum's backward needs anyway; 'float32' is autodiff's own choice,
+# which keeps the float32 ones besides: in bf16, 6 bytes per [B, heads, N, N] element instead
+# of 2. In float32 the same values, and gradients to rounding.
+SOFTMAX_RESIDUAL = ('compute', 'float32')
+# The cuDNN path pads the sequence to a multiple of this: issue 12 reports that cuDNN refuses
+# the ViT's 197 tokens (196 patches + [CLS]), and 64 is its kernels' tile. 197 becomes 256,
+# the padding masked out by the real lengths; the N^2 work grows 1.7x, ~3% of ViT-B's FLOPs.
+# bench/gpu_check.sh measures whether a smaller multiple, or none, is taken and faster.
+CUDNN_SEQ_MULTIPLE = 64
 
 
 def sincos2d_position_embedding(grid_h: int, grid_w: int, width: int,
@@ -101,9 +123,86 @@ class PatchEmbed(nn.Module):
     return x @ kernel.reshape(p * p * c, self.width).astype(self.dtype) + bias.astype(self.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention: q, k, v are [B, N, heads, head_dim], and so is what each function returns.
+# ----------------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax_f32(logits, out_dtype):
+  return jax.nn.softmax(logits, axis=-1).astype(out_dtype)
+
+
+def _softmax_f32_fwd(logits, out_dtype):
+  y = _softmax_f32(logits, out_dtype)
+  return y, y
+
+
+def _softmax_f32_bwd(out_dtype, y, g):
+  del out_dtype
+  # d softmax: y * (g - <g, y>), in float32 from the rounded y (autodiff would keep y in f32).
+  y, g = y.astype(jnp.float32), g.astype(jnp.float32)
+  return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+
+_softmax_f32.defvjp(_softmax_f32_fwd, _softmax_f32_bwd)
+
+
+def softmax_keeping_output(logits, out_dtype):
+  """softmax over the last axis, computed in float32 and returned in `out_dtype`; the backward
+  keeps only that output. Differentiating `jax.nn.softmax(logits.astype(f32)).astype(out_dtype)`
+  gives the same values but keeps the float32 probabilities besides the rounded ones."""
+  return _softmax_f32(logits.astype(jnp.float32), jnp.dtype(out_dtype))
+
+
+def einsum_attention(q, k, v, softmax_residual: str = 'compute'):
+  """The reference: logits in the compute dtype, softmax in float32."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * q.shape[-1]**-0.5
+  # In float32 autodiff keeps nothing extra: the plain path is the reference, bit for bit.
+  if softmax_residual == 'compute' and q.dtype != jnp.float32:
+    weights = softmax_keeping_output(logits, q.dtype)
+  else:
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
+
+
+def padded_attention(q, k, v, implementation: str, multiple: int = CUDNN_SEQ_MULTIPLE):
+  """`jax.nn.dot_product_attention` on the sequence zero-padded to a multiple of `multiple`.
+
+  The real length goes in as both sequence lengths: padded keys get no weight, and padded
+  query rows are sliced off, so their cotangent is zero and they change no gradient. 'xla' and
+  'cudnn' run the same padding; only the kernel differs.
+  """
+  b, n = q.shape[:2]
+  scale = q.shape[-1]**-0.5
+  padded = -(-n // multiple) * multiple
+  if padded == n:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+  widths = ((0, 0), (0, padded - n), (0, 0), (0, 0))
+  lengths = jnp.full((b,), n, jnp.int32)
+  out = jax.nn.dot_product_attention(
+      jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths), scale=scale,
+      query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation)
+  return out[:, :n]
+
+
+def attention_implementation(setting: str, dtype, head_dim: int, backend: str = None) -> str:
+  """The implementation `setting` (model.attention) stands for on `backend` (default: JAX's)."""
+  if setting not in ATTENTION:
+    raise ValueError(f'model.attention={setting!r} is unknown; use one of {ATTENTION}.')
+  if setting != 'auto':
+    return setting
+  backend = backend or jax.default_backend()
+  # cuDNN's fused kernel takes only half precision, and head dims that are multiples of 8 up
+  # to 128 on every GPU it supports (256 from Hopper on).
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  fits = head_dim % 8 == 0 and head_dim <= 128
+  return 'cudnn' if backend == 'gpu' and half and fits else 'einsum'
+
+
 class Attention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
+  implementation: str = 'einsum'       # model.attention
+  softmax_residual: str = 'compute'    # model.softmax_residual (einsum path)
 
   @nn.compact
   def __call__(self, x):
@@ -113,22 +212,32 @@ class Attention(nn.Module):
     # Same [3, heads, head_dim] split of the fused output as the reference, so weights transfer.
     qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * head_dim**-0.5
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, n, d)
-    return _dense(d, 'proj', dtype=self.dtype)(out)
+    how = attention_implementation(self.implementation, self.dtype, head_dim)
+    if how == 'einsum':
+      if self.softmax_residual not in SOFTMAX_RESIDUAL:
+        raise ValueError(f'model.softmax_residual={self.softmax_residual!r} is unknown; use '
+                         f'one of {SOFTMAX_RESIDUAL}.')
+      out = einsum_attention(q, k, v, self.softmax_residual)
+    elif how == 'xla':
+      out = jax.nn.dot_product_attention(q, k, v, scale=head_dim**-0.5, implementation='xla')
+    else:
+      out = padded_attention(q, k, v, 'cudnn')
+    return _dense(d, 'proj', dtype=self.dtype)(out.reshape(b, n, d))
 
 
 class Block(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
+  attention: str = 'einsum'
+  softmax_residual: str = 'compute'
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     y = nn.LayerNorm(epsilon=LN_EPS, name='norm1', dtype=self.dtype)(x)
-    x = x + Attention(self.num_heads, self.dtype, name='attn')(y)
+    x = x + Attention(self.num_heads, self.dtype, self.attention, self.softmax_residual,
+                      name='attn')(y)
     y = nn.LayerNorm(epsilon=LN_EPS, name='norm2', dtype=self.dtype)(x)
     y = _dense(int(d * self.mlp_ratio), 'fc1', dtype=self.dtype)(y)
     y = nn.gelu(y, approximate=False)
@@ -148,6 +257,8 @@ class ViT(nn.Module):
   gap_norm: bool = True             # for pool='gap': LayerNorm after pooling (the paper ablates both)
   stop_grad_patch_embed: bool = False
   remat: bool = False
+  attention: str = 'einsum'         # see ATTENTION
+  softmax_residual: str = 'compute'  # see SOFTMAX_RESIDUAL
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -169,7 +280,8 @@ class ViT(nn.Module):
 
     block = nn.remat(Block) if self.remat else Block
     for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, self.dtype, name=f'blocks_{i}')(x)
+      x = block(self.num_heads, self.mlp_ratio, self.dtype, self.attention,
+                self.softmax_residual, name=f'blocks_{i}')(x)
 
     if self.pool == 'cls':
       return nn.LayerNorm(epsilon=LN_EPS, name='norm', dtype=self.dtype)(x)[:, 0]
