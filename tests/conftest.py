@@ -1,7 +1,6 @@
 """Every test sees 8 CPU devices, so multi-device code is exercised without an accelerator."""
 
 import os
-import tempfile
 
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
@@ -14,12 +13,6 @@ if '--xla_cpu_collective_timeout_seconds' not in _flags:
 os.environ['XLA_FLAGS'] = _flags.strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# Many tests build the same small steps again (new jit objects, and subprocess runs that are
-# killed and resumed): a compilation cache of this test session's own (a fresh folder, so no
-# program from another checkout is reused) compiles each program once.
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='mocojax-tests-jit-')
-  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 import pytest  # noqa: E402
 
