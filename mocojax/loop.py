@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from clu import metric_writers
+from clu import metric_writers, periodic_actions
 
 from mocojax import metrics_log as metrics_log_lib
 from mocojax import preemption
@@ -198,7 +198,7 @@ class Loop:
   # Vector metrics logged as one scalar per entry, '<metric>/<name>': metric -> entry names
   # (e.g. 'grad_inf' -> the layer groups; the probe's 'loss' -> its heads).
   vectors: dict = dataclasses.field(default_factory=dict)
-  hooks: Sequence[Callable[[int], None]] = ()   # called after every step (progress)
+  total_steps: int = 0                 # the run's length, for the progress line (steps/s, ETA)
   on_row: Optional[Callable[[int, dict], None]] = None  # after every row written (the alarm)
 
   def write(self, step: int, scalars: dict):
@@ -223,6 +223,12 @@ class Loop:
     """Runs steps start_step+1 .. stop_at; returns (state, summary of the last values)."""
     pending, last, summary = [], None, {}
     t_log, step_log, input_wait = time.time(), start_step, 0.0
+    progress = None
+    if self.total_steps and jax.process_index() == 0:
+      # Every log_every steps: steps/s, % done and the ETA, in the log and TensorBoard.
+      progress = periodic_actions.ReportProgress(
+          num_train_steps=self.total_steps, writer=self.writer.tensorboard,
+          every_steps=self.log_every)
     for step in range(start_step + 1, stop_at + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
         t_wait = time.time()
@@ -234,8 +240,8 @@ class Loop:
       if last is not None:
         self._check(last, step - 1)
       last = metrics
-      for h in self.hooks:
-        h(step)
+      if progress is not None:
+        progress(step)
       preempted = self.watcher is not None and self.watcher.requested(step)
       final = step == stop_at or preempted
 

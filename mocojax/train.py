@@ -16,7 +16,7 @@ import os
 import jax
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 
 from mocojax import checkpoint as ckpt_lib
 from mocojax import loop as loop_lib
@@ -129,11 +129,6 @@ def _pretrain(config, workdir: str, watcher) -> dict:
   # so each step appears once.
   writer = loop_lib.MetricsWriter(workdir, resume_step=start_step)
   layer_groups = setup.layer_groups
-  hooks = []
-  if primary:
-    hooks.append(periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer.tensorboard,
-        every_steps=config.log_every_steps))
 
   # The instability alarm reads the rows as they are written; a resumed run first replays the
   # rows it keeps (their alarms were raised before).
@@ -160,7 +155,7 @@ def _pretrain(config, workdir: str, watcher) -> dict:
           advice='Lower optimizer.base_lr, raise warmup_epochs, or loosen config.divergence'),
       checked=('loss', 'param_norm', 'update_norm', 'grad_inf'),
       vectors={'grad_inf': layer_groups},
-      hooks=hooks,
+      total_steps=total_steps,
       on_row=(lambda step, scalars: raise_alarms(step, alarm.observe(step, scalars)))
       if alarm else None)
 

@@ -254,7 +254,7 @@ def _fine_tune(encoder_path, config, workdir, train_source, eval_source, mesh, w
       check=functools.partial(loop_lib.check_step, groups=layer_groups,
                               checkpoint_dir=checkpointer.directory,
                               advice='Lower base_lr or raise warmup_epochs'),
-      checked=('loss', 'grad_inf'), vectors={'grad_inf': layer_groups})
+      checked=('loss', 'grad_inf'), vectors={'grad_inf': layer_groups}, total_steps=total)
   t0 = time.time()
   try:
     state, summary = loop.run(state, step_fn, batches, start_step=start_step, stop_at=stop_at,

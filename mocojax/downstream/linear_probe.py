@@ -342,7 +342,8 @@ def _probe(workdir, probe_config, outdir, train_source, eval_source, mesh, watch
         writer=writer, steps_per_epoch=spe, examples_per_step=settings.batch_size,
         log_every=settings.log_every_steps, checkpointer=checkpointer,
         checkpoint_every=settings.checkpoint_every_steps, seed=settings.seed, watcher=watcher,
-        check=check, checked=('loss', 'grad_inf'), vectors={'loss': names, 'grad_inf': names})
+        check=check, checked=('loss', 'grad_inf'), vectors={'loss': names, 'grad_inf': names},
+        total_steps=total_steps)
     try:
       state, summary = loop.run(state, lambda s, b: step_fn(s, backbone.variables, b), batches,
                                 start_step=start_step, stop_at=stop_at,
