@@ -172,6 +172,11 @@ def _pretrain(config, workdir: str, watcher) -> dict:
     except Exception as e:  # pylint: disable=broad-except
       logging.error('Closing the checkpointer also failed: %s', e)
     raise
+  finally:
+    # Nothing of this run outlives it: a later run in the same process (a resume, a sweep, a
+    # notebook) rewrites the event files, and a writer left open would still hold them.
+    writer.close()
+    batches.close()
   checkpointer.close()
   if primary and config.plot:
     from mocojax import report  # matplotlib only when plotting

@@ -263,7 +263,8 @@ def _fine_tune(encoder_path, config, workdir, train_source, eval_source, mesh, w
       summary = top1.run(state)
   finally:
     checkpointer.close()
-    writer.flush()
+    writer.close()   # nothing outlives the run (see train.py)
+    batches.close()
   result = dict(top1=summary['top1'], steps=int(stop_at), epochs=stop_at / spe,
                 resumed_from=start_step, encoder=os.path.abspath(encoder_path),
                 eval_examples=int(eval_source.num_examples), seconds=round(time.time() - t0, 1))

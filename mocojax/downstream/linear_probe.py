@@ -350,6 +350,7 @@ def _probe(workdir, probe_config, outdir, train_source, eval_source, mesh, watch
                                 evaluators=[loop_lib.Every(top1, eval_every, at_end=True)])
     finally:
       checkpointer.close()
+      batches.close()
     final = {k: v for k, v in summary.items() if k.startswith('top1/')}
     if len(final) < len(names):  # rerun after the end: nothing left to train
       final = top1.run(state)
@@ -366,7 +367,7 @@ def _probe(workdir, probe_config, outdir, train_source, eval_source, mesh, watch
       resumed_from=start_step,
       seconds=round(time.time() - t0, 1))
   writer.write(total_steps, {'top1': result['top1']})
-  writer.flush()
+  writer.close()   # nothing outlives the run (see train.py)
   if primary:
     with open(os.path.join(outdir, 'result.json'), 'w') as f:
       json.dump(result, f, indent=2)
