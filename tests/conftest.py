@@ -5,11 +5,16 @@ import os
 _flags = os.environ.get('XLA_FLAGS', '')
 if '--xla_force_host_platform_device_count' not in _flags:
   _flags += ' --xla_force_host_platform_device_count=8'
-# 8 virtual devices share 2 cores: on a loaded machine a device thread can reach a collective
-# long after the others, and XLA's CPU runtime aborts the process when its rendezvous timeout
-# (default tens of seconds) passes. A slow test should stay slow, not die.
-if '--xla_cpu_collective_timeout_seconds' not in _flags:
-  _flags += ' --xla_cpu_collective_timeout_seconds=1200'
+# 8 virtual devices share 2 cores: on a loaded machine one device thread can reach a collective
+# long after the others, and XLA:CPU aborts the whole process ("Termination timeout ... of 40
+# seconds exceeded", no Python error) when a rendezvous of its in-process collectives has waited
+# 60 s (a warning at 20 s, then 40 s more).
+# The `collective_call` flags set that limit; `collective_timeout` is the cross-process one (the
+# two-process tests). A slow test should stay slow, not die.
+for _flag in ('--xla_cpu_collective_call_terminate_timeout_seconds=1200',
+              '--xla_cpu_collective_timeout_seconds=1200'):
+  if _flag.split('=')[0] not in _flags:
+    _flags += ' ' + _flag
 os.environ['XLA_FLAGS'] = _flags.strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

@@ -145,7 +145,7 @@ def _free_port():
 def _start_two_processes(out_dir, *extra_per_process):
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS='--xla_force_host_platform_device_count=4 --xla_cpu_collective_timeout_seconds=1200')
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4')
   procs = []
   for pid, extra in enumerate(extra_per_process):
     cmd = [sys.executable, os.path.join(ROOT, 'tests', 'sharded_run.py'), f'--process_id={pid}',

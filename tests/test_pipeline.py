@@ -236,7 +236,7 @@ def test_device_batches_shards_over_8_cpu_devices():
     return
   # The device count is fixed when JAX starts, so without the flag set for
   # the whole test session the check runs in a fresh interpreter.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=1200',
+  env = dict(os.environ, XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env['PYTHONPATH'] = os.pathsep.join(
