@@ -16,7 +16,8 @@ share lives here, so all three log, check, save, stop and evaluate alike:
                  share of time spent waiting for input, and the epoch; saves every
                  `checkpoint_every` steps and at the end, checking the step first; on
                  SIGTERM/SIGINT saves the step and raises preemption.Preempted; runs the
-                 evaluators at their intervals.
+                 evaluators at their intervals. Evaluations due at a preempted step are
+                 skipped (the host has seconds to save) and run first when the run resumes.
 """
 
 import dataclasses
@@ -219,9 +220,20 @@ class Loop:
     self.check(jax.device_get({k: metrics[k] for k in self.checked if k in metrics}), step)
 
   def run(self, state, step_fn, batches, *, start_step: int, stop_at: int,
-          evaluators: Sequence[Every] = ()):
-    """Runs steps start_step+1 .. stop_at; returns (state, summary of the last values)."""
+          evaluators: Sequence[Every] = (), evaluations_pending: bool = False):
+    """Runs steps start_step+1 .. stop_at; returns (state, summary of the last values).
+
+    `evaluations_pending` (`evaluations_pending(meta)` of the checkpoint resumed from): the run
+    before was preempted at start_step after saving it, so the evaluations due there did not
+    run (a preempted host saves and exits at once); they run first.
+    """
+    def due(step):
+      return [e for e in evaluators
+              if (e.steps and step % e.steps == 0) or (e.at_end and step == stop_at)]
+
     pending, last, summary = [], None, {}
+    if evaluations_pending and due(start_step):
+      summary.update(self._evaluate(state, start_step, due(start_step)))
     t_log, step_log, input_wait = time.time(), start_step, 0.0
     progress = None
     if self.total_steps and jax.process_index() == 0:
@@ -260,8 +272,10 @@ class Loop:
       if final or (self.checkpoint_every and step % self.checkpoint_every == 0):
         self._check(metrics, step)
         if self.checkpointer is not None:
-          self.checkpointer.save(step, state, dict(seed=self.seed, next_step=step), force=True,
-                                 **self.save_extra)
+          position = dict(seed=self.seed, next_step=step)
+          if preempted and due(step):
+            position['evaluations_pending'] = True  # see evaluations_pending()
+          self.checkpointer.save(step, state, position, force=True, **self.save_extra)
       if preempted:
         directory = getattr(self.checkpointer, 'directory', None)
         if self.checkpointer is not None:
@@ -272,16 +286,23 @@ class Loop:
         raise preemption.Preempted(f'{name}: {saved}; rerun the same command to resume.',
                                    self.watcher.signum)
 
-      due = [e for e in evaluators
-             if (e.steps and step % e.steps == 0) or (e.at_end and step == stop_at)]
-      if due:
-        t0 = time.time()
-        scalars = {}
-        for e in due:
-          scalars.update(e.evaluator.run(state))
-        scalars['epoch'] = step / self.steps_per_epoch
-        logging.info('step %d: %s (%.1fs)', step, scalars, time.time() - t0)
-        self.write(step, scalars)
-        summary.update(scalars)
+      if due(step):
+        summary.update(self._evaluate(state, step, due(step)))
         t_log, input_wait = time.time(), 0.0  # evaluation time does not count against images/s
     return state, summary
+
+  def _evaluate(self, state, step: int, due: Sequence[Every]) -> dict:
+    t0 = time.time()
+    scalars = {}
+    for e in due:
+      scalars.update(e.evaluator.run(state))
+    scalars['epoch'] = step / self.steps_per_epoch
+    logging.info('step %d: %s (%.1fs)', step, scalars, time.time() - t0)
+    self.write(step, scalars)
+    return scalars
+
+
+def evaluations_pending(meta) -> bool:
+  """Whether the checkpoint of `meta` (Checkpointer.resume) was saved by a preempted run before
+  the evaluations due at its step ran; pass it to Loop.run."""
+  return bool(((meta or {}).get('data') or {}).get('evaluations_pending'))

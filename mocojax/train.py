@@ -162,7 +162,8 @@ def _pretrain(config, workdir: str, watcher) -> dict:
   try:
     with metric_writers.ensure_flushes(writer.tensorboard):
       state, summary = loop.run(state, setup.step, batches, start_step=start_step,
-                                stop_at=stop_at, evaluators=evaluators)
+                                stop_at=stop_at, evaluators=evaluators,
+                                evaluations_pending=loop_lib.evaluations_pending(meta))
       if stop_at == total_steps and alarm is not None:
         raise_alarms(stop_at, alarm.finish())  # a spike still being followed
   except BaseException:

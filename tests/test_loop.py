@@ -20,8 +20,10 @@ class _Checkpointer:
     self.saved = []
 
   def save(self, step, state, position, force=False):
+    pending = position.pop('evaluations_pending', False)
     assert position == dict(seed=0, next_step=step) and force
     self.saved.append((step, float(state)))
+    self.pending = pending
 
   def wait(self):
     pass
@@ -55,9 +57,9 @@ def _step(state, batch, bad_step=None, bad_group=1):
   return state, dict(loss=state * 0.5, grad_inf=grad_inf)
 
 
-def _loop(tmp_path, watcher=None, **kw):
+def _loop(tmp_path, watcher=None, resume_step=0, **kw):
   return loop.Loop(
-      writer=loop.MetricsWriter(str(tmp_path)), steps_per_epoch=4, examples_per_step=8,
+      writer=loop.MetricsWriter(str(tmp_path), resume_step), steps_per_epoch=4, examples_per_step=8,
       log_every=2, checkpointer=_Checkpointer(), checkpoint_every=2, watcher=watcher,
       check=functools.partial(loop.check_step, groups=GROUPS, checkpoint_dir='/ckpt',
                               advice='Lower the lr'),
@@ -118,3 +120,28 @@ def test_check_step_names_the_heads_whose_loss_is_not_finite():
     loop.check_step({'loss': np.array([0.5, np.inf])}, 3, groups=('lr=0.3', 'lr=30'),
                     advice='x')
   loop.check_step({'loss': np.array([0.5, 0.7])}, 3, groups=('lr=0.3', 'lr=30'), advice='x')
+
+
+@pytest.mark.parametrize('preempted_at, pending', [(3, True), (4, False)])
+def test_evaluations_due_at_a_preempted_step_run_first_on_resume(tmp_path, preempted_at, pending):
+  # Preempted at step 3, where the evaluator is due: the save says so, and the resumed run
+  # evaluates step 3's state before its first step. At step 4 nothing was due.
+  lp = _loop(tmp_path, watcher=_Watcher(at=preempted_at))
+  evaluator = _Evaluator()
+  every = [loop.Every(evaluator, steps=3, at_end=False)]
+  with pytest.raises(preemption.Preempted):
+    lp.run(jnp.float32(0.0), _step, _batches(), start_step=0, stop_at=7, evaluators=every)
+  assert evaluator.seen == ([] if preempted_at == 3 else [3.0])
+  assert lp.checkpointer.pending is pending
+  meta = dict(step=preempted_at, data=dict(
+      seed=0, next_step=preempted_at, **({'evaluations_pending': True} if pending else {})))
+  assert loop.evaluations_pending(meta) is pending and not loop.evaluations_pending(None)
+
+  resumed = _loop(tmp_path, resume_step=preempted_at)
+  state, summary = resumed.run(jnp.float32(preempted_at), _step, _batches(),
+                               start_step=preempted_at, stop_at=7, evaluators=every,
+                               evaluations_pending=loop.evaluations_pending(meta))
+  assert evaluator.seen == [3.0, 6.0] and float(state) == 7 and summary['score'] == 6.0
+  scores = [r['step'] for r in loop.metrics_log_lib.read_rows(str(tmp_path / 'metrics.jsonl'))
+            if 'score' in r]
+  assert scores == [3, 6]  # each evaluation once

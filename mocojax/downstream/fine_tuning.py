@@ -258,7 +258,8 @@ def _fine_tune(encoder_path, config, workdir, train_source, eval_source, mesh, w
   t0 = time.time()
   try:
     state, summary = loop.run(state, step_fn, batches, start_step=start_step, stop_at=stop_at,
-                              evaluators=[loop_lib.Every(top1, eval_every, at_end=True)])
+                              evaluators=[loop_lib.Every(top1, eval_every, at_end=True)],
+                              evaluations_pending=loop_lib.evaluations_pending(meta))
     if 'top1' not in summary:  # rerun after the end: nothing left to train
       summary = top1.run(state)
   finally:

@@ -301,7 +301,7 @@ def _probe(workdir, probe_config, outdir, train_source, eval_source, mesh, watch
                'fast' if settings.fast else 'augmented', len(peak_lrs),
                ', '.join(f'{x:g}' for x in peak_lrs), total_steps, spe, feature_dim, num_classes)
 
-  start_step, checkpointer = 0, None
+  start_step, checkpointer, meta = 0, None, None
   if not settings.fast:
     checkpointer = ckpt_lib.Checkpointer(outdir, settings, settings.checkpoint_every_steps,
                                          settings.keep_checkpoints)
@@ -347,7 +347,8 @@ def _probe(workdir, probe_config, outdir, train_source, eval_source, mesh, watch
     try:
       state, summary = loop.run(state, lambda s, b: step_fn(s, backbone.variables, b), batches,
                                 start_step=start_step, stop_at=stop_at,
-                                evaluators=[loop_lib.Every(top1, eval_every, at_end=True)])
+                                evaluators=[loop_lib.Every(top1, eval_every, at_end=True)],
+                                evaluations_pending=loop_lib.evaluations_pending(meta))
     finally:
       checkpointer.close()
       batches.close()
