@@ -20,10 +20,10 @@ class _Checkpointer:
     self.saved = []
 
   def save(self, step, state, position, force=False):
-    pending = position.pop('evaluations_pending', False)
+    self.position = dict(position)  # what Checkpointer.resume gives back as meta['data']
+    position.pop('evaluations_pending', None)
     assert position == dict(seed=0, next_step=step) and force
     self.saved.append((step, float(state)))
-    self.pending = pending
 
   def wait(self):
     pass
@@ -59,8 +59,9 @@ def _step(state, batch, bad_step=None, bad_group=1):
 
 def _loop(tmp_path, watcher=None, resume_step=0, **kw):
   return loop.Loop(
-      writer=loop.MetricsWriter(str(tmp_path), resume_step), steps_per_epoch=4, examples_per_step=8,
-      log_every=2, checkpointer=_Checkpointer(), checkpoint_every=2, watcher=watcher,
+      writer=loop.MetricsWriter(str(tmp_path), resume_step), steps_per_epoch=4,
+      examples_per_step=8, log_every=2, checkpointer=_Checkpointer(), checkpoint_every=2,
+      watcher=watcher,
       check=functools.partial(loop.check_step, groups=GROUPS, checkpoint_dir='/ckpt',
                               advice='Lower the lr'),
       checked=('loss', 'grad_inf'), vectors={'grad_inf': GROUPS}, **kw)
@@ -132,9 +133,7 @@ def test_evaluations_due_at_a_preempted_step_run_first_on_resume(tmp_path, preem
   with pytest.raises(preemption.Preempted):
     lp.run(jnp.float32(0.0), _step, _batches(), start_step=0, stop_at=7, evaluators=every)
   assert evaluator.seen == ([] if preempted_at == 3 else [3.0])
-  assert lp.checkpointer.pending is pending
-  meta = dict(step=preempted_at, data=dict(
-      seed=0, next_step=preempted_at, **({'evaluations_pending': True} if pending else {})))
+  meta = dict(step=preempted_at, data=lp.checkpointer.position)
   assert loop.evaluations_pending(meta) is pending and not loop.evaluations_pending(None)
 
   resumed = _loop(tmp_path, resume_step=preempted_at)
