@@ -233,7 +233,7 @@ class Loop:
 
     pending, last, summary = [], None, {}
     if evaluations_pending and due(start_step):
-      summary.update(self._evaluate(state, start_step, due(start_step)))
+      summary = self._evaluate(state, start_step, due(start_step))
     t_log, step_log, input_wait = time.time(), start_step, 0.0
     progress = None
     if self.total_steps and jax.process_index() == 0:
@@ -269,11 +269,12 @@ class Loop:
         summary.update(scalars)
         pending, t_log, step_log, input_wait = [], time.time(), step, 0.0
 
+      evaluations = due(step)
       if final or (self.checkpoint_every and step % self.checkpoint_every == 0):
         self._check(metrics, step)
         if self.checkpointer is not None:
           position = dict(seed=self.seed, next_step=step)
-          if preempted and due(step):
+          if preempted and evaluations:
             position['evaluations_pending'] = True  # see evaluations_pending()
           self.checkpointer.save(step, state, position, force=True, **self.save_extra)
       if preempted:
@@ -286,8 +287,8 @@ class Loop:
         raise preemption.Preempted(f'{name}: {saved}; rerun the same command to resume.',
                                    self.watcher.signum)
 
-      if due(step):
-        summary.update(self._evaluate(state, step, due(step)))
+      if evaluations:
+        summary.update(self._evaluate(state, step, evaluations))
         t_log, input_wait = time.time(), 0.0  # evaluation time does not count against images/s
     return state, summary
 
