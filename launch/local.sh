@@ -52,9 +52,9 @@ if [[ -n $CPU_DEVICES ]]; then
   # Virtual devices exist only on the CPU backend; the flag must be set before JAX starts.
   # XLA:CPU aborts the process when one virtual device reaches a collective 60 s after the others
   # (in-process), and a cross-process collective times out too; a busy laptop can be that slow,
-  # so both limits are raised to 20 minutes.
+  # so the limits are raised to 5 and 20 minutes.
   FLAGS="--xla_force_host_platform_device_count=$CPU_DEVICES"
-  FLAGS+=" --xla_cpu_collective_call_terminate_timeout_seconds=1200"
+  FLAGS+=" --xla_cpu_collective_call_terminate_timeout_seconds=300"
   FLAGS+=" --xla_cpu_collective_timeout_seconds=1200"
   ENV=(env "XLA_FLAGS=$FLAGS" JAX_PLATFORMS=cpu)
 fi

@@ -99,17 +99,14 @@ def test_twenty_steps_on_fashion_mnist_learn_and_resume(tiny_config, tmp_path):
 
   # Stop after 10 steps ("preempted"), then rerun the same command: it resumes at step 10 and
   # reproduces the uninterrupted run's losses exactly (batches are a function of seed and step).
-  # (No kNN in the resumed runs: a second in-process run's sharded kNN can deadlock XLA:CPU's
-  # collectives on 8 virtual devices (seen 2026-12-01: 0% CPU for 11 min after step 20; with the
-  # default 60 s rendezvous limit it aborted instead); cause not found. The losses carry the
-  # comparison.)
-  c.eval.knn_at_end = False
   _run(c, tmp_path / 'resumed', stop_after_steps=10)
   assert sorted(_losses(tmp_path / 'resumed')) == list(range(1, 11))
-  _run(c, tmp_path / 'resumed')
+  resumed = _run(c, tmp_path / 'resumed')
   again = _losses(tmp_path / 'resumed')
   for s in range(11, 21):
     assert again[s] == losses[s], (s, again[s], losses[s])
+  # The resumed run's kNN (a second run's sharded evaluation in this process) is the same.
+  assert resumed['knn/top1@20'] == full['knn/top1@20']
 
   # A different run-defining config in the same workdir is refused before anything compiles.
   with pytest.raises(ValueError, match='batch_size'):
