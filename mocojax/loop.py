@@ -97,7 +97,9 @@ class MetricsWriter:
     self.tensorboard = metric_writers.create_default_writer(logdir, just_logging=not primary)
 
   def write(self, step: int, scalars: dict):
-    self.tensorboard.write_scalars(step, scalars)
+    # A copy: clu's asynchronous writer reads the dict later, on its own thread, and callers may
+    # go on to update theirs (a run's summary does).
+    self.tensorboard.write_scalars(step, dict(scalars))
     self.jsonl.write(step, scalars)
 
   def flush(self):
@@ -233,7 +235,7 @@ class Loop:
 
     pending, last, summary = [], None, {}
     if evaluations_pending and due(start_step):
-      summary = self._evaluate(state, start_step, due(start_step))
+      summary.update(self._evaluate(state, start_step, due(start_step)))
     t_log, step_log, input_wait = time.time(), start_step, 0.0
     progress = None
     if self.total_steps and jax.process_index() == 0:
