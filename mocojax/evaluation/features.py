@@ -35,10 +35,10 @@ def extract_features(feature_fn, variables, batches, *, mesh: Mesh):
   # Wait for every batch before the first program that moves rows between devices. The batches
   # are hundreds of programs without collectives, so one device can fall 32 programs behind (XLA
   # CPU's per-device limit on programs in flight). Its next launch then blocks a thread of the
-  # client's pool, whose size is the device count, while the other devices hold the rest of the
-  # pool waiting in the collective for it: the pool is exhausted, the late device's pending work
-  # never runs, and the process hangs at 0% CPU (seen with 8 virtual CPU devices). Free on
-  # accelerators, where the kNN needs every feature anyway.
+  # client's pool (max(cores, devices) threads: 8 for 8 virtual devices on 2 cores) while the
+  # other devices hold the rest of the pool waiting in the collective for it: the pool is
+  # exhausted, the late device's pending work never runs, and the process hangs at 0% CPU. Free
+  # on accelerators, where the kNN needs every feature anyway.
   jax.block_until_ready((features, labels, masks))
   return (_concat_rows(features, rows), _concat_rows(labels, rows), _concat_rows(masks, rows))
 
