@@ -172,7 +172,7 @@ def profile(root: str) -> list:
   import glob
   import jax
   import tensorflow as tf
-  from mocojax.data import augment, photometric, recipes
+  from mocojax.data import augment, photometric, recipes, sources
 
   cores = len(os.sched_getaffinity(0))
   files = tf.constant(sorted(glob.glob(os.path.join(root, '*', '*.jpg'))))
@@ -185,7 +185,7 @@ def profile(root: str) -> list:
     return cores * 1e3 / _rate(ds.as_numpy_iterator(), 64, seconds)
 
   def decode(i):
-    return tf.io.decode_jpeg(tf.io.read_file(files[i % n_files]), channels=3)
+    return sources.decode(tf.io.read_file(files[i % n_files]), 3)
 
   def uniforms(i):
     return tf.random.stateless_uniform([2, augment.CROP_UNIFORMS],

@@ -1,12 +1,14 @@
 """Sources: real Fashion-MNIST IDX files, image folders, TFDS, arrays."""
 
 import gzip
+import io
 import os
 
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from mocojax.data import pipeline, sources
 
@@ -150,6 +152,28 @@ def test_image_folder(tmp_path):
                                                    [True, False]]
 
 
+def test_jpegs_decode_to_the_pixels_pil_gives(tmp_path):
+  """The reference code decodes with PIL (libjpeg's accurate IDCT); TF's default fast IDCT
+  would differ by a few grey levels. Smooth content plus noise, as photographs have."""
+  rng = np.random.default_rng(0)
+  for k in range(4):
+    h, w = rng.integers(40, 90, 2)
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    smooth = 127 + 80 * np.sin(2 * np.pi * (rng.uniform(1, 4) * x + rng.uniform(1, 4) * y))
+    pixels = np.clip(smooth[..., None] + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    (tmp_path / 'a').mkdir(exist_ok=True)
+    Image.fromarray(pixels).save(tmp_path / 'a' / f'{k}.jpg', quality=90)
+  source = sources.get_source(_config(source='folder', data_dir=str(tmp_path)), 'train')
+  fast_differs = 0
+  for k, example in enumerate(_lookup_in_map(source, list(range(4)))):
+    path = str(tmp_path / 'a' / f'{k}.jpg')
+    want = np.asarray(Image.open(path).convert('RGB'))
+    np.testing.assert_array_equal(example['image'], want)
+    fast = tf.io.decode_jpeg(tf.io.read_file(path), channels=3).numpy()
+    fast_differs += int((fast != want).any())
+  assert fast_differs > 0  # the check above can tell the two IDCTs apart
+
+
 def test_image_folder_grayscale_channels(tmp_path):
   _write_png(tmp_path / 'a' / '0.png', np.full((4, 4, 3), 200, np.uint8))
   source = sources.get_source(
@@ -272,7 +296,8 @@ def test_tfds_jpeg_dataset_feeds_the_two_view_stream(tmp_path):
   order = pipeline.epoch_permutation(6, 0, 0).numpy()
   u = pipeline.step_uniforms(0, 0, 6, 0, 6).numpy()
   for row, index in enumerate(order):
-    image = tf.io.decode_jpeg(reference[int(index)]['image'], channels=3)
+    # PIL's decode of the stored bytes (what the reference code's loader sees).
+    image = np.asarray(Image.open(io.BytesIO(reference[int(index)]['image'])).convert('RGB'))
     for v in range(2):
       want = augment.random_resized_crop(image, u[row, v], 16).numpy()
       np.testing.assert_array_equal(batch[f'view{v + 1}'][row], want)

@@ -2,7 +2,8 @@
 
 RandomResizedCrop follows torchvision: crop windows drawn as its `get_params` does (stateless TF
 ops), then crop and resize with PIL's antialiased bilinear filter, the very call the MoCo
-reference code makes (torchvision's PIL path), so crops are PIL's uint8 pixels bit for bit.
+reference code makes (torchvision's PIL path), so crops are PIL's uint8 pixels bit for bit
+(given PIL's decode, which `sources.decode` reproduces for JPEGs).
 Everything after the crop runs on the accelerator (`photometric`). Every random choice is a
 function of a vector of uniforms `u`, so crops are pure functions of (image, uniforms) and the
 same code runs eagerly and inside `tf.data` maps.
