@@ -235,7 +235,7 @@ class Loop:
 
     pending, last, summary = [], None, {}
     if evaluations_pending and due(start_step):
-      summary.update(self._evaluate(state, start_step, due(start_step)))
+      summary = self._evaluate(state, start_step, due(start_step))
     t_log, step_log, input_wait = time.time(), start_step, 0.0
     progress = None
     if self.total_steps and jax.process_index() == 0:
