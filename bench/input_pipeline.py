@@ -257,8 +257,8 @@ def trainer_run(root: str) -> dict:
 
 def main(argv):
   del argv
-  import tensorflow as tf
-  tf.config.set_visible_devices([], 'GPU')
+  from mocojax import commands
+  commands.start_host()  # as the trainer's entry points set the host up
   import jax
   cores = len(os.sched_getaffinity(0))
   print(f'{cores} cores available to this process; jax backend {jax.default_backend()}')

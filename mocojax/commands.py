@@ -2,18 +2,43 @@
 up before work starts, and how a run's expected stops end the process."""
 
 import contextlib
+import ctypes
 import sys
 
 from absl import logging
 
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def reuse_large_blocks(limit: int = 1 << 30) -> bool:
+  """Lets glibc's malloc serve and keep blocks up to `limit` bytes in its heaps. True if set.
+
+  By default glibc maps every block above a threshold (at most 32 MiB) afresh and unmaps it
+  when freed, so a buffer of that size allocated every step is faulted in page by page every
+  step. On the CPU backend XLA's buffers come from malloc: the device half's float32 views at
+  batch 64 are 38.5 MB each, ~300 page faults per sample, ~9% of the end-to-end CPU time of
+  the input pipeline (bench/RESULTS.md, session 10). Raising the mmap threshold (and the trim
+  threshold, or freed heap tops go back to the OS and fault in again) reuses them. A no-op
+  where the C library has no mallopt (macOS, musl).
+  """
+  mallopt = getattr(ctypes.CDLL(None), 'mallopt', None)
+  if mallopt is None:
+    return False
+  return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+
 
 def start_host() -> None:
   """Quiet orbax's per-save narration; keep TensorFlow (tf.data on the host) off any GPU that
-  JAX is using."""
+  JAX is using; on the CPU backend, keep XLA's large buffers in malloc's heaps."""
   from mocojax import checkpoint
   checkpoint.quiet_orbax_logging()
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
+  import jax
+  if jax.default_backend() == 'cpu':
+    reuse_large_blocks()
 
 
 @contextlib.contextmanager

@@ -228,6 +228,21 @@ def test_two_views_every_recipe_both_schedules(recipe, channels):
                                                         channels=channels)['view1'])
 
 
+def test_per_shard_compiles_with_its_cpu_options_and_matches_a_plain_jit():
+  """per_shard's CPU compile options (512-bit vectors) leave the views as a plain jit gives
+  them, to float32 rounding (sums such as the contrast mean run in another order: ~2e-6 here);
+  a misspelt option would fail to compile."""
+  from mocojax import parallel
+  batch = _batch(8, size=32)
+  fn = functools.partial(P.two_views, specs=recipes.view_specs('mocov3'), seed=0,
+                         mean=(0.5,) * 3, std=(0.25,) * 3)
+  sharding = parallel.batch_sharding(parallel.make_mesh())
+  fast = P.per_shard(fn, sharding)(jax.device_put(batch, sharding))
+  plain = jax.jit(fn)(batch)
+  for key in ('view1', 'view2'):
+    np.testing.assert_allclose(np.asarray(fast[key]), np.asarray(plain[key]), atol=1e-5)
+
+
 def test_two_views_depend_on_seed_step_and_row_only():
   """An example's views are a function of (seed, step, row): the same row anywhere in any
   batch (another host's slice, another device's shard) is augmented the same way."""

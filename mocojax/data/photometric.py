@@ -17,7 +17,10 @@ a batch runs either
     one set of wide kernels; or
   * mapped image by image (`per_image=True`, for CPUs): conds really skip the costly work not
     drawn (90% of view 2's blurs, 20% of the jitters) and each image stays in cache; the cheap
-    ops (grayscale, solarize, flip) stay selects that fuse into the passes around them.
+    ops (grayscale, flip) stay selects that fuse into the passes around them. Solarize is a
+    cond too: fused, it would land in the last pass, which writes the planar result into the
+    [S, S, C] output and so loops over 3 channels innermost, where XLA:CPU cannot vectorise;
+    there every op costs scalar time (bench/RESULTS.md, session 10).
 Both schedules compute the same numbers (tested). Single-channel images (Fashion-MNIST) are
 supported: saturation, hue and grayscale have no meaning there and are no-ops.
 
@@ -165,7 +168,8 @@ def solarize(x, u, p: float = 0.2, threshold: float = 0.5):
   """RandomSolarize: pixels >= threshold inverted with probability p; u [1]."""
   if p <= 0.0:
     return x
-  return _select(u[0] < p, lambda y: jnp.where(y >= threshold, 1.0 - y, y), x)
+  # A branch, not a select, though cheap: see the module docstring.
+  return _maybe(u[0] < p, lambda y: jnp.where(y >= threshold, 1.0 - y, y), x)
 
 
 def random_flip(x, u):
@@ -256,11 +260,19 @@ def over_batch(fn, args, per_image: bool | None = None):
 
 def per_shard(fn, sharding):
   """fn (rows independent) jitted to run on each device's own rows of batches laid out by
-  `sharding` (a NamedSharding of the leading axis), so per-image loops stay local."""
-  if not isinstance(sharding, jax.sharding.NamedSharding):
-    return jax.jit(fn)
-  spec = sharding.spec
-  return jax.jit(jax.shard_map(fn, mesh=sharding.mesh, in_specs=spec, out_specs=spec))
+  `sharding` (a NamedSharding of the leading axis), so per-image loops stay local.
+
+  On CPUs it is compiled for 512-bit vectors where the CPU has them (XLA:CPU prefers 256 by
+  default): the per-image passes are plain float loops, and the device half costs ~7% less
+  CPU time on AVX-512 machines (bench/RESULTS.md, session 10); elsewhere it changes nothing.
+  """
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    platform = sharding.mesh.devices.flat[0].platform
+    fn = jax.shard_map(fn, mesh=sharding.mesh, in_specs=sharding.spec, out_specs=sharding.spec)
+  else:
+    platform = jax.default_backend()
+  options = {'xla_cpu_prefer_vector_width': 512} if platform == 'cpu' else None
+  return jax.jit(fn, compiler_options=options)
 
 
 def two_views(batch, *, specs, seed: int, mean, std, per_image: bool | None = None):
