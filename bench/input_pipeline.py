@@ -2,6 +2,7 @@ r"""Input-pipeline throughput: the host half, the device half and both together,
 
   python bench/input_pipeline.py                      # JPEG 224 px and Fashion-MNIST 28 px
   python bench/input_pipeline.py --sources=jpeg224 --profile   # + where the time goes
+  python bench/input_pipeline.py --sources=jpeg224 --kernels   # + the device half per kernel
   python bench/input_pipeline.py --sources=jpeg224 --train_steps=6   # + the real trainer on it
 
 The two-view `mocov3` stream is built exactly as the trainer builds it:
@@ -22,6 +23,8 @@ Images/s counts two-view samples; "per core" divides by the cores the process ma
 
 --profile splits the JPEG stream into stages (each measured on its own, same tf.data
 parallelism): read + decode, crop windows, resize per view, and each device-side op.
+--kernels traces the device half (`jax.profiler`, three calls on one batch) and sums the time of
+each compiled kernel from the trace: where a CPU spends the device half, kernel by kernel.
 --train_steps runs `train.train_and_evaluate` (ViT-S/16, batch --e2e_batch) on the JPEG folder
 and reports its images/s and `input_wait_fraction` (the share of wall time the loop waited for
 input while the device ran the previous step).
@@ -50,6 +53,7 @@ _JPEG_FILES = flags.DEFINE_integer('jpeg_files', 512, 'JPEG files written for jp
 _JPEG_DIR = flags.DEFINE_string('jpeg_dir', None, 'Use (or write) the JPEG folder here.')
 _SECONDS = flags.DEFINE_float('seconds', 20.0, 'Timed seconds per measurement (after warm-up).')
 _PROFILE = flags.DEFINE_bool('profile', False, 'Per-stage breakdown of the jpeg224 stream.')
+_KERNELS = flags.DEFINE_bool('kernels', False, 'Per-kernel times of the device half (jpeg224).')
 _TRAIN_STEPS = flags.DEFINE_integer('train_steps', 0, 'Trainer steps on the JPEG folder (0: '
                                     'skip).')
 _E2E_BATCH = flags.DEFINE_integer('e2e_batch', 16, 'Global batch of the trainer run.')
@@ -233,6 +237,31 @@ def profile(root: str) -> list:
   return rows
 
 
+def kernel_times(r: dict, calls: int = 3) -> list:
+  """(kernel, ms per two-view sample) of the device half on one batch, from a profiler trace:
+  the time of every execution of each compiled kernel, summed over threads, largest first."""
+  import collections
+  import glob
+  import gzip
+  import json
+  import jax
+  trace_dir = tempfile.mkdtemp(prefix='mocojax_trace_')
+  jax.block_until_ready(r['finish'](r['sample']))
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(calls):
+      jax.block_until_ready(r['finish'](r['sample']))
+  with gzip.open(glob.glob(os.path.join(trace_dir, '**', '*.json.gz'), recursive=True)[0]) as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  total = collections.Counter()
+  for e in events:
+    # Complete events; Python frames ('$...') and the executor's own spans are not kernels.
+    if e.get('ph') == 'X' and not e['name'].startswith(('$', 'ThunkExecutor', 'Pjit',
+                                                          'CommonPjRt', 'PjRt')):
+      total[e['name']] += e.get('dur', 0)
+  return [(name, us / 1e3 / calls / r['batch']) for name, us in total.most_common()]
+
+
 def trainer_run(root: str) -> dict:
   """The real trainer on the JPEG folder: images/s and the input-wait share of its last log."""
   import json
@@ -302,6 +331,13 @@ def main(argv):
       print('|---|---|')
       for stage, ms in profile(jpeg['root']):
         print(f'| {stage} | {ms:.2f} |')
+
+    if _KERNELS.value:
+      rows = kernel_times(jpeg)
+      print('\n| device-half kernel (conditionals include the kernels they run) | ms per sample |')
+      print('|---|---|')
+      for name, ms in rows[:20]:
+        print(f'| {name} | {ms:.3f} |')
 
     if _TRAIN_STEPS.value:
       t = trainer_run(jpeg['root'])
