@@ -18,8 +18,8 @@ def reuse_large_blocks(limit: int = 1 << 30) -> bool:
   By default glibc maps every block above a threshold (at most 32 MiB) afresh and unmaps it
   when freed, so a buffer of that size allocated every step is faulted in page by page every
   step. On the CPU backend XLA's buffers come from malloc: the device half's float32 views at
-  batch 64 are 38.5 MB each, ~300 page faults per sample, ~9% of the end-to-end CPU time of
-  the input pipeline (bench/RESULTS.md, session 10). Raising the mmap threshold (and the trim
+  batch 64 are 38.5 MB each: ~240 page faults per sample, ~4% of the input pipeline's CPU time
+  end to end (bench/RESULTS.md, session 10). Raising the mmap threshold (and the trim
   threshold, or freed heap tops go back to the OS and fault in again) reuses them. A no-op
   where the C library has no mallopt (macOS, musl).
   """
