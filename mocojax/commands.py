@@ -31,7 +31,10 @@ def reuse_large_blocks(limit: int = 1 << 30) -> bool:
 
 def start_host() -> None:
   """Quiet orbax's per-save narration; keep TensorFlow (tf.data on the host) off any GPU that
-  JAX is using; on the CPU backend, keep XLA's large buffers in malloc's heaps."""
+  JAX is using; on the CPU backend, keep XLA's large buffers in malloc's heaps.
+
+  It starts JAX's backend (to ask which it is), so a multi-process command calls it after
+  `distributed.initialize`, as main does."""
   from mocojax import checkpoint
   checkpoint.quiet_orbax_logging()
   import tensorflow as tf
