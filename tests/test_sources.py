@@ -1,5 +1,6 @@
 """Sources: real Fashion-MNIST IDX files, image folders, TFDS, arrays."""
 
+import dataclasses
 import gzip
 import io
 import os
@@ -172,6 +173,65 @@ def test_jpegs_decode_to_the_pixels_pil_gives(tmp_path):
     fast = tf.io.decode_jpeg(tf.io.read_file(path), channels=3).numpy()
     fast_differs += int((fast != want).any())
   assert fast_differs > 0  # the check above can tell the two IDCTs apart
+
+
+def _mixed_folder(root):
+  """Images in every stored form the reference's loader meets in ImageNet: RGB, grayscale and
+  CMYK JPEGs (of odd sizes, so crops hit chroma-subsampled edges), a PNG, a palette BMP."""
+  rng = np.random.default_rng(1)
+  (root / 'a').mkdir(parents=True)
+  (root / 'b').mkdir()
+  for k, (mode, ext, (h, w)) in enumerate([('RGB', 'jpg', (37, 51)), ('L', 'jpg', (44, 29)),
+                                           ('CMYK', 'jpg', (31, 40)), ('RGB', 'png', (26, 33)),
+                                           ('P', 'bmp', (30, 30)), ('RGB', 'jpeg', (57, 45))]):
+    y, x = np.mgrid[0:h, 0:w] / max(h, w)
+    smooth = 127 + 80 * np.sin(2 * np.pi * (rng.uniform(1, 4) * x + rng.uniform(1, 4) * y))
+    pixels = np.clip(smooth[..., None] + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).convert(mode).save(root / 'ab'[k % 2] / f'{k}.{ext}', quality=90)
+
+
+@pytest.mark.parametrize('channels', [3, 1])
+def test_pipelines_decode_files_with_pil_in_the_crop_call(tmp_path, channels):
+  """Files reach the host's crops as bytes (`Source.fetch`) and PIL decodes them there, as the
+  reference's loader does (open, convert to RGB). For every stored form the batches equal those
+  of the plain path, PIL's decode into pixels and then crops of the pixels, for the two-view
+  stream, the evaluation input and the probe's input. (TF's decoders, the old route, differ
+  here: palette BMPs come out as grey indices, CMYK JPEGs a few levels off.)"""
+  from mocojax.data import labelled
+  _mixed_folder(tmp_path)
+  source = sources.get_source(_config(source='folder', data_dir=str(tmp_path),
+                                      channels=channels), 'train')
+  assert source.fetch(tf.constant(0))['image'].dtype == tf.string
+
+  def pil_pixels(data):
+    pixels = np.asarray(sources.open_image(data, channels))
+    return pixels.reshape(pixels.shape[:2] + (channels,))
+
+  def pil_lookup(index):  # the plain path: the reference's decode, into pixels
+    example = source.fetch(index)
+    image = tf.numpy_function(pil_pixels, [example['image']], tf.uint8, stateful=False)
+    image.set_shape([None, None, channels])
+    return dict(example, image=image)
+  plain = dataclasses.replace(source, _fetch=None, _lookup=pil_lookup)
+  assert plain.fetch(tf.constant(0))['image'].dtype == tf.uint8
+
+  for k, example in enumerate(_lookup_in_map(plain, list(range(6)))):
+    encoded = source.fetch(tf.constant(k))['image']
+    np.testing.assert_array_equal(sources.image_size(encoded), example['image'].shape[:2])
+
+  host = dict(global_batch=6, seed=0, process_index=0, process_count=1)
+  streams = [
+      lambda s: pipeline.train_dataset(s, start_step=0, image_size=24, **host),
+      lambda s: pipeline.eval_dataset(s, image_size=16, global_batch=4, process_index=0,
+                                      process_count=1),
+      lambda s: labelled.train_dataset(s, image_size=20, **host)]
+  for stream in streams:
+    for fast, slow in zip(*(list(stream(s).take(2).as_numpy_iterator())
+                            for s in (source, plain))):
+      assert fast.keys() == slow.keys()
+      for key in fast:
+        np.testing.assert_array_equal(fast[key], slow[key], err_msg=key)
+      assert all(v.shape[-1] == channels for v in fast.values() if v.ndim == 4)
 
 
 def test_image_folder_grayscale_channels(tmp_path):

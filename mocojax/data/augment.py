@@ -3,16 +3,19 @@
 RandomResizedCrop follows torchvision: crop windows drawn as its `get_params` does (stateless TF
 ops), then crop and resize with PIL's antialiased bilinear filter, the very call the MoCo
 reference code makes (torchvision's PIL path), so crops are PIL's uint8 pixels bit for bit
-(given PIL's decode, which `sources.decode` reproduces for JPEGs).
+(from PIL's decode of the file, or from pixels that `sources.decode` decoded as PIL does).
 Everything after the crop runs on the accelerator (`photometric`). Every random choice is a
 function of a vector of uniforms `u`, so crops are pure functions of (image, uniforms) and the
 same code runs eagerly and inside `tf.data` maps.
 
 Two forms of the crop:
-  * per example (`resized_crops`), for images of any size (files): all views of one decoded image
-    in one call to PIL (`tf.numpy_function`). PIL's fixed-point resize is ~2.3x faster than TF's
-    ScaleAndTranslate kernel on 224 px crops and releases the GIL, so tf.data's threads run it in
-    parallel (bench/RESULTS.md);
+  * per example (`resized_crops`), for images of any size (files): all views of one image in one
+    call to PIL (`tf.numpy_function`). Given the encoded bytes (`Source.fetch`), that call also
+    decodes them with PIL and crops PIL's image in place, instead of TF decoding into a tensor
+    that numpy then copies crop by crop into PIL's layout; given pixels, it crops those. PIL's
+    fixed-point resize is ~2.3x faster than TF's ScaleAndTranslate kernel on 224 px crops, and
+    PIL's decode and resize release the GIL, so tf.data's threads run them in parallel
+    (bench/RESULTS.md);
   * batched (`resized_crop_batch`), for same-size in-memory images (Fashion-MNIST): two
     matmuls with resampling matrices per image, one call per step. On small images the cost is
     per-op overhead, not arithmetic, so a whole batch costs about as much as one image.
@@ -26,6 +29,8 @@ import math
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+
+from mocojax.data import sources
 
 # Uniforms one crop consumes: torchvision makes up to 10 attempts of (area, aspect, top, left).
 CROP_TRIES = 10
@@ -97,44 +102,61 @@ def crop_window(seed, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 
 
 # -------------------------------------------------------------------------------- resize
-def _pil_resize(image: np.ndarray, boxes: np.ndarray, height: int, width: int) -> np.ndarray:
-  """uint8 [V, height, width, C]: image [H, W, C] cropped to each (top, left, h, w) of boxes [V, 4]
-  and resized by PIL (bilinear, antialiased when downscaling)."""
-  channels = image.shape[-1]
+def _pil_resize(image, boxes: np.ndarray, height: int, width: int, channels: int) -> np.ndarray:
+  """uint8 [V, height, width, C]: image cropped to each (top, left, h, w) of boxes [V, 4] and
+  resized by PIL (bilinear, antialiased when downscaling). `image` is uint8 [H, W, C] pixels or
+  encoded bytes, which PIL decodes here."""
   out = np.empty((len(boxes), height, width, channels), np.uint8)
+  encoded = sources.encoded_bytes(image)
+  if encoded is not None:
+    decoded = sources.open_image(encoded, channels)
   for v, (top, left, h, w) in enumerate(boxes.tolist()):
-    # Crop first, as torchvision does (PIL's resize(box=...) would filter across the box edge),
-    # and in numpy: PIL then copies only the crop into its own layout, not the whole image.
-    crop = image[top:top + h, left:left + w]
-    crop = np.ascontiguousarray(crop[..., 0] if channels == 1 else crop)
-    resized = Image.fromarray(crop).resize((width, height), Image.BILINEAR)
-    out[v] = np.asarray(resized).reshape(height, width, channels)
+    # Crop first, as torchvision does (PIL's resize(box=...) would filter across the box edge).
+    if encoded is not None:
+      whole = (top, left, h, w) == (0, 0, decoded.height, decoded.width)
+      crop = decoded if whole else decoded.crop((left, top, left + w, top + h))
+    else:  # in numpy: PIL then copies only the crop into its own layout, not the whole image
+      crop = image[top:top + h, left:left + w]
+      crop = Image.fromarray(np.ascontiguousarray(crop[..., 0] if channels == 1 else crop))
+    out[v] = np.asarray(crop.resize((width, height), Image.BILINEAR)).reshape(
+        height, width, channels)
   return out
 
 
-def resized_crops(image, boxes, size: int):
-  """Crops of one uint8 [H, W, C] image of any size at boxes int32 [V, 4] of (top, left, h, w)
-  (V static), each resized to size x size: uint8 [V, size, size, C]. PIL's resize, as the MoCo
-  reference (torchvision's RandomResizedCrop on PIL images)."""
-  out = tf.numpy_function(lambda i, b: _pil_resize(i, b, size, size), [image, boxes], tf.uint8,
-                          stateful=False)
-  out.set_shape([boxes.shape[0], size, size, image.shape[-1]])
+def _channels(image, channels):
+  if image.dtype == tf.string:
+    if channels is None:
+      raise ValueError('crops of encoded images need `channels`.')
+    return channels
+  return int(image.shape[-1])
+
+
+def resized_crops(image, boxes, size: int, channels=None):
+  """Crops of one image of any size at boxes int32 [V, 4] of (top, left, h, w) (V static), each
+  resized to size x size: uint8 [V, size, size, C]. `image` is uint8 [H, W, C] or encoded bytes
+  (a tf.string scalar, decoded by PIL to `channels`). PIL's resize, as the MoCo reference
+  (torchvision's RandomResizedCrop on PIL images)."""
+  channels = _channels(image, channels)
+  out = tf.numpy_function(lambda i, b: _pil_resize(i, b, size, size, channels), [image, boxes],
+                          tf.uint8, stateful=False)
+  out.set_shape([boxes.shape[0], size, size, channels])
   return out
 
 
-def random_resized_crops(image, u, size: int, scales, ratios):
-  """torchvision RandomResizedCrop of one uint8 image of any size, once per view v with
-  uniforms u[v] [40], scale range scales[v] and aspect range ratios[v]: [V, size, size, C]."""
-  shape = tf.shape(image)
-  boxes = [tf.stack([w[0] for w in crop_window_batch(u[v][None], shape[0], shape[1], scale,
-                                                      ratio)])
+def random_resized_crops(image, u, size: int, scales, ratios, channels=None):
+  """torchvision RandomResizedCrop of one image of any size (uint8 pixels, or encoded bytes
+  decoded to `channels`), once per view v with uniforms u[v] [40], scale range scales[v] and
+  aspect range ratios[v]: [V, size, size, C]."""
+  height, width = tf.unstack(sources.image_size(image))
+  boxes = [tf.stack([w[0] for w in crop_window_batch(u[v][None], height, width, scale, ratio)])
            for v, (scale, ratio) in enumerate(zip(scales, ratios))]
-  return resized_crops(image, tf.stack(boxes), size)
+  return resized_crops(image, tf.stack(boxes), size, channels)
 
 
-def random_resized_crop(image, u, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-  """torchvision RandomResizedCrop of one uint8 image of any size; u [40]."""
-  return random_resized_crops(image, u[None], size, [scale], [ratio])[0]
+def random_resized_crop(image, u, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        channels=None):
+  """torchvision RandomResizedCrop of one image of any size (pixels or bytes); u [40]."""
+  return random_resized_crops(image, u[None], size, [scale], [ratio], channels)[0]
 
 
 def _resize_matrix(start, length, in_size: int, out_size: int):
@@ -181,19 +203,23 @@ def center_crop(image, size: int):
   return tf.image.crop_to_bounding_box(image, offsets[0], offsets[1], size, size)
 
 
-def resize_shorter(image, size: int):
+def resize_shorter(image, size: int, channels=None):
   """Resize so the shorter side is `size`, keeping aspect (torchvision Resize, which truncates
   the longer side, with PIL's filter as in the reference evaluation); uint8 [H, W, C] or
-  [B, H, W, C] in and out."""
-  hw = tf.cast(tf.shape(image)[-3:-1], tf.float32)
+  [B, H, W, C] in and out, or encoded bytes in (decoded by PIL to `channels`, in the same call)."""
+  channels = _channels(image, channels)
+  hw = tf.cast(sources.image_size(image), tf.float32)
   short = tf.reduce_min(hw)
   new = tf.cast(tf.floor(hw * (size / short)), tf.int32)
   new = tf.where(hw == short, size, new)
 
-  def resize(images, new):
-    box = np.array([[0, 0, images.shape[-3], images.shape[-2]]])
-    one = lambda x: _pil_resize(x, box, int(new[0]), int(new[1]))[0]
-    return one(images) if images.ndim == 3 else np.stack([one(x) for x in images])
-  out = tf.numpy_function(resize, [image, new], tf.uint8, stateful=False)
-  out.set_shape(image.shape[:-3].concatenate([None, None, image.shape[-1]]))
+  def resize(images, hw, new):
+    box = np.array([[0, 0, *hw.astype(int)]])
+    one = lambda x: _pil_resize(x, box, int(new[0]), int(new[1]), channels)[0]
+    single = sources.encoded_bytes(images) is not None or images.ndim == 3
+    return one(images) if single else np.stack(
+        [one(x) for x in images])
+  out = tf.numpy_function(resize, [image, hw, new], tf.uint8, stateful=False)
+  batch = image.shape[:-3] if image.dtype != tf.string else []
+  out.set_shape(tf.TensorShape(batch).concatenate([None, None, channels]))
   return out

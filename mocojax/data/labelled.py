@@ -53,8 +53,9 @@ def train_dataset(source: Source, *, global_batch: int, seed: int, start_step: i
       return tf.data.Dataset.from_tensor_slices((indices, uniforms(step)))
 
     def load_example(index, u):
-      example = source.lookup(index)
-      crop = augment.random_resized_crop(example['image'], u[:_FLIP], image_size, crop_scale)
+      example = source.fetch(index)
+      crop = augment.random_resized_crop(example['image'], u[:_FLIP], image_size, crop_scale,
+                                         channels=source.image_shape[-1])
       return {'image': flip(crop, u[_FLIP]), 'label': tf.cast(example['label'], tf.int32)}
 
     ds = steps.flat_map(explode)

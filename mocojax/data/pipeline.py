@@ -173,10 +173,11 @@ def train_dataset(source: Source, *, global_batch: int, seed: int,
            step_uniforms(seed, step, global_batch, pi, b)))
 
     def load_example(step, row, index, u):
-      example = source.lookup(index)  # one read and one decode for both views
+      example = source.fetch(index)  # one read and one decode (in the crops' call) for both views
       views = augment.random_resized_crops(
           example['image'], u, image_size,
-          [s.crop_scale for s in specs], [s.crop_ratio for s in specs])
+          [s.crop_scale for s in specs], [s.crop_ratio for s in specs],
+          channels=source.image_shape[-1])
       return dict(view1=views[0], view2=views[1],
                   label=tf.cast(example['label'], tf.int32), step=step,
                   row=row)
@@ -206,17 +207,17 @@ def train_batches(source: Source, *, sharding, global_batch: int, seed: int,
   return device_batches(ds, sharding, finish)
 
 
-def eval_preprocess(image, image_size: int):
-  """Resize the shorter side to round(S * 256 / 224), centre-crop S; uint8 in and out.
+def eval_preprocess(image, image_size: int, channels=None):
+  """Resize the shorter side to round(S * 256 / 224), centre-crop S; uint8 out.
 
   The ImageNet 256 -> 224 protocol scaled to S; images already S x S are
   passed through untouched (e.g. 28 px Fashion-MNIST at S = 28). Takes one
-  [H, W, C] image or a [B, H, W, C] batch. Normalisation happens on the
-  device (`eval_batches`).
+  [H, W, C] image, a [B, H, W, C] batch, or one encoded image (`Source.fetch`; PIL decodes it
+  to `channels` in the resize's call). Normalisation happens on the device (`eval_batches`).
   """
-  if tuple(image.shape[-3:-1]) == (image_size, image_size):
+  if image.dtype != tf.string and tuple(image.shape[-3:-1]) == (image_size, image_size):
     return image
-  x = augment.resize_shorter(image, round(image_size * 256 / 224))
+  x = augment.resize_shorter(image, round(image_size * 256 / 224), channels)
   return augment.center_crop(x, image_size)
 
 
@@ -239,8 +240,9 @@ def eval_dataset(source: Source, *, global_batch: int, image_size: int,
 
   def load(i):  # one index, or a vector of them with batched lookup
     valid = i < n
-    example = source.lookup(tf.where(valid, i, 0))
-    return {'image': eval_preprocess(example['image'], image_size),
+    i = tf.where(valid, i, 0)
+    example = source.lookup(i) if source.batched_lookup else source.fetch(i)
+    return {'image': eval_preprocess(example['image'], image_size, source.image_shape[-1]),
             'label': tf.cast(example['label'], tf.int32),
             'mask': valid}
 

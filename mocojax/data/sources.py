@@ -4,12 +4,15 @@ Every source exposes `lookup(index)` usable inside a `tf.data` map. Random
 access (rather than a streaming reader) is what lets the training pipeline be a
 pure function of (seed, step): any step's batch can be rebuilt without replaying
 the stream that came before it, so resuming needs no iterator checkpoint.
+Sources of files and records also expose `fetch(index)`, the encoded bytes, which the host's
+crops decode with PIL in the same call as the crops.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import os
 import pathlib
 import zlib
@@ -17,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image
 
 # tf.data may serialise its graph (static optimisations, tf.data service); a
 # captured in-memory array then becomes a graph constant and graphs are capped
@@ -36,7 +40,10 @@ def decode(encoded, channels: int):
 
   JPEGs are decoded with the accurate integer IDCT, as PIL (the reference code's loader) and
   libjpeg by default do: TF's default, the fast IDCT, differs from PIL's pixels by up to a few
-  grey levels in most images (tests/test_sources.py), and costs about the same.
+  grey levels in most images (tests/test_sources.py), and costs about the same. This is
+  `Source.lookup`'s decode; the pipelines' host crops instead take the bytes (`Source.fetch`)
+  and decode them with PIL itself (`open_image`), which is also exact where TF is not (palette
+  BMPs, which TF returns as grey indices; CMYK JPEGs, a few levels off).
   """
   def jpeg():
     return tf.io.decode_jpeg(encoded, channels=channels, dct_method='INTEGER_ACCURATE')
@@ -46,6 +53,40 @@ def decode(encoded, channels: int):
     return tf.io.decode_image(encoded, channels=channels, expand_animations=False,
                               dtype=tf.uint8)
   return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+
+
+def encoded_bytes(value) -> bytes | None:
+  """The bytes of an encoded image as `tf.numpy_function` hands a tf.string scalar over (bytes
+  inside tf.data, a 0-d object array eagerly); None for pixels."""
+  if isinstance(value, np.ndarray) and value.dtype == object:
+    value = value.item()
+  return value if isinstance(value, bytes) else None
+
+
+def open_image(data, channels: int) -> Image.Image:
+  """PIL's decode of encoded bytes, in RGB (or L for one channel), as the reference code's
+  loader (torchvision's `pil_loader`) decodes: the host's crops run on it in the same call."""
+  image = Image.open(io.BytesIO(encoded_bytes(data)))
+  mode = 'L' if channels == 1 else 'RGB'
+  return image if image.mode == mode else image.convert(mode)
+
+
+def image_size(image):
+  """int32 [2] (height, width) of uint8 pixels [H, W, C], or of an encoded image (a tf.string
+  scalar) read from its header alone, without decoding."""
+  if image.dtype != tf.string:
+    return tf.shape(image)[-3:-1]
+
+  def header(data):  # PIL reads only the header until pixels are asked for
+    width, height = Image.open(io.BytesIO(encoded_bytes(data))).size
+    return np.array([height, width], np.int32)
+
+  def other():
+    hw = tf.numpy_function(header, [image], tf.int32, stateful=False)
+    hw.set_shape([2])
+    return hw
+  return tf.cond(tf.io.is_jpeg(image),
+                 lambda: tf.image.extract_jpeg_shape(image)[:2], other)
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -70,11 +111,24 @@ class Source:
   # Whether lookup also takes a vector of indices and returns a stacked
   # batch (same-size in-memory images), letting the pipeline work per step.
   batched_lookup: bool = False
+  # Encoded bytes by index, for sources of files and records (see `fetch`).
+  _fetch: Callable[[tf.Tensor], dict] | None = dataclasses.field(
+      default=None, repr=False, compare=False)
 
   def lookup(self, index: tf.Tensor) -> dict:
     """{'image': uint8 [H, W, C], 'label': int32 []} for a scalar int index
     (with `batched_lookup`, also [N, H, W, C] and [N] for indices [N])."""
     return self._lookup(index)
+
+  def fetch(self, index: tf.Tensor) -> dict:
+    """{'image', 'label'} for a scalar index, the image as stored: encoded bytes (a tf.string
+    scalar) for sources of files and records, else uint8 pixels as `lookup` gives them.
+
+    The host's crops (`augment`) take either; given bytes they decode them with PIL in the
+    same Python call, which saves handing the whole decoded image from TF to numpy to PIL
+    (bench/RESULTS.md).
+    """
+    return self._lookup(index) if self._fetch is None else self._fetch(index)
 
   @classmethod
   def from_arrays(cls, images, labels, name: str = 'arrays',
@@ -231,14 +285,20 @@ def _folder_source(data_config, split: str) -> Source:
   paths_t = tf.constant(paths)
   labels_t = tf.constant(np.asarray(labels, np.int32))
 
+  def fetch(index):
+    return {'image': tf.io.read_file(tf.gather(paths_t, index)),
+            'label': tf.gather(labels_t, index)}
+
   def lookup(index):
-    image = decode(tf.io.read_file(tf.gather(paths_t, index)), channels)
+    example = fetch(index)
+    image = decode(example['image'], channels)
     image.set_shape([None, None, channels])
-    return {'image': image, 'label': tf.gather(labels_t, index)}
+    return dict(example, image=image)
 
   return Source(name=f'folder:{root}', num_examples=len(paths),
                 num_classes=len(classes),
-                image_shape=(None, None, channels), _lookup=lookup)
+                image_shape=(None, None, channels), _lookup=lookup,
+                _fetch=fetch)
 
 
 # ---------------------------------------------------------------------- TFDS
@@ -252,8 +312,9 @@ def _tfds_source(data_config, split: str) -> Source:
   the dataset built in the array_record format
   (`tfds build NAME --file_format=array_record`). Encoded bytes are fetched
   with `tf.numpy_function` (one Python call per example, under the GIL) and
-  decoded by TF ops, so decoding still runs in parallel; such a pipeline
-  cannot be serialised (no tf.data service or snapshot).
+  decoded by PIL in the host crops' call, which releases the GIL, so decoding
+  still runs in parallel; such a pipeline cannot be serialised (no tf.data
+  service or snapshot).
   """
   import tensorflow_datasets as tfds  # heavy import, only when used
 
@@ -315,14 +376,19 @@ def _tfds_source(data_config, split: str) -> Source:
     record = records[int(i)]
     return record[image_key], np.int32(record[label_key])
 
-  def lookup(index):
+  def fetch_encoded(index):
     encoded, label = tf.numpy_function(
         fetch, [index], (tf.string, tf.int32), stateful=False)
-    image = decode(encoded, image_shape[-1])
-    image.set_shape(image_shape)
+    encoded.set_shape([])
     label.set_shape([])
-    return {'image': image, 'label': label}
+    return {'image': encoded, 'label': label}
+
+  def lookup(index):
+    example = fetch_encoded(index)
+    image = decode(example['image'], image_shape[-1])
+    image.set_shape(image_shape)
+    return dict(example, image=image)
 
   return Source(name=f'{name}/{split}', num_examples=num_examples,
                 num_classes=num_classes, image_shape=image_shape,
-                _lookup=lookup)
+                _lookup=lookup, _fetch=fetch_encoded)
