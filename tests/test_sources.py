@@ -191,12 +191,13 @@ def _mixed_folder(root):
 
 
 @pytest.mark.parametrize('channels', [3, 1])
-def test_pipelines_decode_files_with_pil_in_the_crop_call(tmp_path, channels):
-  """Files reach the host's crops as bytes (`Source.fetch`) and PIL decodes them there, as the
-  reference's loader does (open, convert to RGB). For every stored form the batches equal those
-  of the plain path, PIL's decode into pixels and then crops of the pixels, for the two-view
-  stream, the evaluation input and the probe's input. (TF's decoders, the old route, differ
-  here: palette BMPs come out as grey indices, CMYK JPEGs a few levels off.)"""
+def test_pipelines_decode_every_stored_form_as_pil_does(tmp_path, channels):
+  """Files reach the host's crops as bytes (`Source.fetch`), decoded as the reference's loader
+  decodes them (PIL: open, convert to RGB): by TF where its decode is PIL's, else by PIL in the
+  crop call. For every stored form the batches equal those of the plain path, PIL's decode into
+  pixels and then crops of the pixels, for the two-view stream, the evaluation input and the
+  probe's input. (TF's decoders alone, the old route, differ here: palette BMPs come out as grey
+  indices, CMYK JPEGs a few levels off.)"""
   from mocojax.data import labelled
   _mixed_folder(tmp_path)
   source = sources.get_source(_config(source='folder', data_dir=str(tmp_path),
@@ -215,9 +216,13 @@ def test_pipelines_decode_files_with_pil_in_the_crop_call(tmp_path, channels):
   plain = dataclasses.replace(source, _fetch=None, _lookup=pil_lookup)
   assert plain.fetch(tf.constant(0))['image'].dtype == tf.uint8
 
+  # Files in sorted order: RGB, CMYK JPEG, palette BMP; grey JPEG, PNG, RGB JPEG. TF decodes
+  # the RGB and grey JPEGs to three channels as PIL does and takes those; PIL the rest.
+  tf_decodes = [True, False, False, True, False, True] if channels == 3 else [False] * 6
   for k, example in enumerate(_lookup_in_map(plain, list(range(6)))):
     encoded = source.fetch(tf.constant(k))['image']
     np.testing.assert_array_equal(sources.image_size(encoded), example['image'].shape[:2])
+    assert bool(sources.tf_decodes_as_pil(encoded, channels)) == tf_decodes[k]
 
   host = dict(global_batch=6, seed=0, process_index=0, process_count=1)
   streams = [

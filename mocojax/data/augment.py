@@ -134,13 +134,21 @@ def _channels(image, channels):
 def resized_crops(image, boxes, size: int, channels=None):
   """Crops of one image of any size at boxes int32 [V, 4] of (top, left, h, w) (V static), each
   resized to size x size: uint8 [V, size, size, C]. `image` is uint8 [H, W, C] or encoded bytes
-  (a tf.string scalar, decoded by PIL to `channels`). PIL's resize, as the MoCo reference
-  (torchvision's RandomResizedCrop on PIL images)."""
+  (a tf.string scalar, decoded as PIL decodes it to `channels`). PIL's resize, as the MoCo
+  reference (torchvision's RandomResizedCrop on PIL images)."""
   channels = _channels(image, channels)
-  out = tf.numpy_function(lambda i, b: _pil_resize(i, b, size, size, channels), [image, boxes],
-                          tf.uint8, stateful=False)
-  out.set_shape([boxes.shape[0], size, size, channels])
-  return out
+
+  def crops(x):
+    out = tf.numpy_function(lambda i, b: _pil_resize(i, b, size, size, channels), [x, boxes],
+                            tf.uint8, stateful=False)
+    out.set_shape([boxes.shape[0], size, size, channels])
+    return out
+  if image.dtype != tf.string:
+    return crops(image)
+  # TF's decode where it is PIL's (it runs outside Python's lock; PIL's decode in the crop call
+  # measured slower in tf.data's threads, bench/RESULTS.md session 11), PIL's elsewhere.
+  return tf.cond(sources.tf_decodes_as_pil(image, channels),
+                 lambda: crops(sources.decode(image, channels)), lambda: crops(image))
 
 
 def random_resized_crops(image, u, size: int, scales, ratios, channels=None):
@@ -219,7 +227,12 @@ def resize_shorter(image, size: int, channels=None):
     single = sources.encoded_bytes(images) is not None or images.ndim == 3
     return one(images) if single else np.stack(
         [one(x) for x in images])
-  out = tf.numpy_function(resize, [image, hw, new], tf.uint8, stateful=False)
-  batch = image.shape[:-3] if image.dtype != tf.string else []
-  out.set_shape(tf.TensorShape(batch).concatenate([None, None, channels]))
-  return out
+  def resized(x):
+    out = tf.numpy_function(resize, [x, hw, new], tf.uint8, stateful=False)
+    batch = x.shape[:-3] if x.dtype != tf.string else []
+    out.set_shape(tf.TensorShape(batch).concatenate([None, None, channels]))
+    return out
+  if image.dtype != tf.string:
+    return resized(image)
+  return tf.cond(sources.tf_decodes_as_pil(image, channels),
+                 lambda: resized(sources.decode(image, channels)), lambda: resized(image))

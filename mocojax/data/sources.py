@@ -71,6 +71,19 @@ def open_image(data, channels: int) -> Image.Image:
   return image if image.mode == mode else image.convert(mode)
 
 
+def tf_decodes_as_pil(encoded, channels: int):
+  """Whether `decode` gives PIL's pixels for these bytes: RGB and grey JPEGs, decoded to three
+  channels. The host's crops then let TF decode them, outside Python and its lock; PIL decodes
+  the rest (CMYK JPEGs, where TF is a few levels off; palette images, which TF's BMP decoder
+  returns as grey indices; one-channel output, where TF keeps the JPEG's Y and PIL recomputes
+  luma; PNG, BMP and GIF variants generally)."""
+  if channels != 3:
+    return tf.constant(False)
+  return tf.cond(tf.io.is_jpeg(encoded),
+                 lambda: tf.image.extract_jpeg_shape(encoded)[2] != 4,
+                 lambda: tf.constant(False))
+
+
 def image_size(image):
   """int32 [2] (height, width) of uint8 pixels [H, W, C], or of an encoded image (a tf.string
   scalar) read from its header alone, without decoding."""
