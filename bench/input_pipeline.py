@@ -6,8 +6,8 @@ r"""Input-pipeline throughput: the host half, the device half and both together,
   python bench/input_pipeline.py --sources=jpeg224 --train_steps=6   # + the real trainer on it
 
 The two-view `mocov3` stream is built exactly as the trainer builds it:
-  * host: `pipeline.train_dataset` (read, then one PIL call that decodes once and makes two
-    random resized crops, uint8), iterated as numpy;
+  * host: `pipeline.train_dataset` (read, decode once, two random resized crops in one PIL
+    call, uint8), iterated as numpy;
   * device: `photometric.two_views` (jitter, grayscale, blur, solarize, flip, normalise) on a
     batch already on the device, in the schedule the backend gets (image by image on CPUs);
   * end to end: `pipeline.train_batches`, both halves as the trainer runs them, each batch
@@ -22,7 +22,7 @@ Sources:
 Images/s counts two-view samples; "per core" divides by the cores the process may use.
 
 --profile splits the JPEG stream into stages (each measured on its own, same tf.data
-parallelism): read + PIL decode, crop windows, crop + resize, and each device-side op.
+parallelism): read + decode, crop windows, crop + resize, and each device-side op.
 --kernels traces the device half (`jax.profiler`, three calls on one batch) and sums the time of
 each compiled kernel from the trace: where a CPU spends the device half, kernel by kernel.
 --train_steps runs `train.train_and_evaluate` (ViT-S/16, batch --e2e_batch) on the JPEG folder
@@ -191,11 +191,8 @@ def profile(root: str) -> list:
   def read(i):
     return tf.io.read_file(files[i % n_files])
 
-  def decode(i):  # PIL's decode alone, as the crops' call makes it
-    def pil(data):
-      sources.open_image(data, 3).load()
-      return np.zeros((1, 1, 3), np.uint8)
-    return tf.numpy_function(pil, [read(i)], tf.uint8, stateful=False)
+  def decode(i):  # these RGB JPEGs TF decodes (as PIL does) before the crop call
+    return sources.decode(read(i), 3)[:1, :1]
 
   def uniforms(i):
     return tf.random.stateless_uniform([2, augment.CROP_UNIFORMS],
@@ -205,11 +202,11 @@ def profile(root: str) -> list:
     height, width = tf.unstack(sources.image_size(read(i)))
     return tf.stack(augment.crop_window_batch(uniforms(i), height, width))
 
-  def crops(i):  # decode + crop + resize in one PIL call, as the pipeline runs them
+  def crops(i):  # header, decode, crop + resize, as the pipeline runs them
     return augment.random_resized_crops(read(i), uniforms(i), 224, [(0.08, 1.0)] * 2,
                                         [(3 / 4, 4 / 3)] * 2, channels=3)
 
-  rows = [('read + decode (PIL)', tf_stage(decode))]
+  rows = [('read + decode', tf_stage(decode))]
   rows.append(('crop windows (2 views, from the header)', tf_stage(windows)))
   rows.append(('crop + resize to 224, uint8, in PIL (2 views)',
                tf_stage(crops) - rows[0][1] - rows[1][1]))
