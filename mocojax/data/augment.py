@@ -3,19 +3,18 @@
 RandomResizedCrop follows torchvision: crop windows drawn as its `get_params` does (stateless TF
 ops), then crop and resize with PIL's antialiased bilinear filter, the very call the MoCo
 reference code makes (torchvision's PIL path), so crops are PIL's uint8 pixels bit for bit
-(from PIL's decode of the file, or from pixels that `sources.decode` decoded as PIL does).
+(given pixels decoded as PIL decodes the file, which file sources ensure).
 Everything after the crop runs on the accelerator (`photometric`). Every random choice is a
 function of a vector of uniforms `u`, so crops are pure functions of (image, uniforms) and the
 same code runs eagerly and inside `tf.data` maps.
 
 Two forms of the crop:
   * per example (`resized_crops`), for images of any size (files): all views of one image in one
-    call to PIL (`tf.numpy_function`). Given the encoded bytes (`Source.fetch`), that call also
-    decodes them with PIL and crops PIL's image in place, instead of TF decoding into a tensor
-    that numpy then copies crop by crop into PIL's layout; given pixels, it crops those. PIL's
-    fixed-point resize is ~2.3x faster than TF's ScaleAndTranslate kernel on 224 px crops, and
-    PIL's decode and resize release the GIL, so tf.data's threads run them in parallel
-    (bench/RESULTS.md);
+    call to PIL (`tf.numpy_function`). Given the encoded bytes (`Source.fetch`), TF decodes
+    those whose pixels it gets as PIL does (RGB and grey JPEGs: outside Python's lock) and PIL
+    the rest inside that call (`sources.tf_decodes_as_pil`). PIL's fixed-point resize is ~2.3x
+    faster than TF's ScaleAndTranslate kernel on 224 px crops and releases the GIL, so tf.data's
+    threads run it in parallel (bench/RESULTS.md);
   * batched (`resized_crop_batch`), for same-size in-memory images (Fashion-MNIST): two
     matmuls with resampling matrices per image, one call per step. On small images the cost is
     per-op overhead, not arithmetic, so a whole batch costs about as much as one image.
@@ -214,7 +213,7 @@ def center_crop(image, size: int):
 def resize_shorter(image, size: int, channels=None):
   """Resize so the shorter side is `size`, keeping aspect (torchvision Resize, which truncates
   the longer side, with PIL's filter as in the reference evaluation); uint8 [H, W, C] or
-  [B, H, W, C] in and out, or encoded bytes in (decoded by PIL to `channels`, in the same call)."""
+  [B, H, W, C] in and out, or encoded bytes in (decoded to `channels` as PIL decodes them)."""
   channels = _channels(image, channels)
   hw = tf.cast(sources.image_size(image), tf.float32)
   short = tf.reduce_min(hw)

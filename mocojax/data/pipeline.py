@@ -173,7 +173,7 @@ def train_dataset(source: Source, *, global_batch: int, seed: int,
            step_uniforms(seed, step, global_batch, pi, b)))
 
     def load_example(step, row, index, u):
-      example = source.fetch(index)  # one read and one decode (in the crops' call) for both views
+      example = source.fetch(index)  # one read and one decode for both views
       views = augment.random_resized_crops(
           example['image'], u, image_size,
           [s.crop_scale for s in specs], [s.crop_ratio for s in specs],
@@ -212,8 +212,8 @@ def eval_preprocess(image, image_size: int, channels=None):
 
   The ImageNet 256 -> 224 protocol scaled to S; images already S x S are
   passed through untouched (e.g. 28 px Fashion-MNIST at S = 28). Takes one
-  [H, W, C] image, a [B, H, W, C] batch, or one encoded image (`Source.fetch`; PIL decodes it
-  to `channels` in the resize's call). Normalisation happens on the device (`eval_batches`).
+  [H, W, C] image, a [B, H, W, C] batch, or one encoded image (`Source.fetch`, decoded to
+  `channels` as PIL decodes it). Normalisation happens on the device (`eval_batches`).
   """
   if image.dtype != tf.string and tuple(image.shape[-3:-1]) == (image_size, image_size):
     return image

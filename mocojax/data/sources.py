@@ -5,7 +5,7 @@ access (rather than a streaming reader) is what lets the training pipeline be a
 pure function of (seed, step): any step's batch can be rebuilt without replaying
 the stream that came before it, so resuming needs no iterator checkpoint.
 Sources of files and records also expose `fetch(index)`, the encoded bytes, which the host's
-crops decode with PIL in the same call as the crops.
+crops decode to PIL's pixels themselves (`tf_decodes_as_pil`).
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ def decode(encoded, channels: int):
   JPEGs are decoded with the accurate integer IDCT, as PIL (the reference code's loader) and
   libjpeg by default do: TF's default, the fast IDCT, differs from PIL's pixels by up to a few
   grey levels in most images (tests/test_sources.py), and costs about the same. This is
-  `Source.lookup`'s decode; the pipelines' host crops instead take the bytes (`Source.fetch`)
-  and decode them with PIL itself (`open_image`), which is also exact where TF is not (palette
-  BMPs, which TF returns as grey indices; CMYK JPEGs, a few levels off).
+  `Source.lookup`'s decode; the pipelines' host crops take the bytes (`Source.fetch`) and use it
+  only where it gives PIL's pixels (`tf_decodes_as_pil`), else PIL itself (`open_image`).
   """
   def jpeg():
     return tf.io.decode_jpeg(encoded, channels=channels, dct_method='INTEGER_ACCURATE')
@@ -137,9 +136,8 @@ class Source:
     """{'image', 'label'} for a scalar index, the image as stored: encoded bytes (a tf.string
     scalar) for sources of files and records, else uint8 pixels as `lookup` gives them.
 
-    The host's crops (`augment`) take either; given bytes they decode them with PIL in the
-    same Python call, which saves handing the whole decoded image from TF to numpy to PIL
-    (bench/RESULTS.md).
+    The host's crops (`augment`) take either; given bytes they decode them to PIL's pixels, by
+    TF where its decode is PIL's and by PIL in the crop call elsewhere (`tf_decodes_as_pil`).
     """
     return self._lookup(index) if self._fetch is None else self._fetch(index)
 
@@ -325,9 +323,9 @@ def _tfds_source(data_config, split: str) -> Source:
   the dataset built in the array_record format
   (`tfds build NAME --file_format=array_record`). Encoded bytes are fetched
   with `tf.numpy_function` (one Python call per example, under the GIL) and
-  decoded by PIL in the host crops' call, which releases the GIL, so decoding
-  still runs in parallel; such a pipeline cannot be serialised (no tf.data
-  service or snapshot).
+  decoded by TF ops (or, where those differ from PIL, by PIL in the host crops'
+  call, which releases the GIL), so decoding still runs in parallel; such a
+  pipeline cannot be serialised (no tf.data service or snapshot).
   """
   import tensorflow_datasets as tfds  # heavy import, only when used
 
