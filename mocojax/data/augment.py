@@ -146,8 +146,7 @@ def resized_crops(image, boxes, size: int, channels=None):
     return crops(image)
   # TF's decode where it is PIL's (it runs outside Python's lock; PIL's decode in the crop call
   # measured slower in tf.data's threads, bench/RESULTS.md session 11), PIL's elsewhere.
-  return tf.cond(sources.tf_decodes_as_pil(image, channels),
-                 lambda: crops(sources.decode(image, channels)), lambda: crops(image))
+  return sources.with_pil_pixels(image, channels, crops)
 
 
 def random_resized_crops(image, u, size: int, scales, ratios, channels=None):
@@ -224,8 +223,8 @@ def resize_shorter(image, size: int, channels=None):
     box = np.array([[0, 0, *hw.astype(int)]])
     one = lambda x: _pil_resize(x, box, int(new[0]), int(new[1]), channels)[0]
     single = sources.encoded_bytes(images) is not None or images.ndim == 3
-    return one(images) if single else np.stack(
-        [one(x) for x in images])
+    return one(images) if single else np.stack([one(x) for x in images])
+
   def resized(x):
     out = tf.numpy_function(resize, [x, hw, new], tf.uint8, stateful=False)
     batch = x.shape[:-3] if x.dtype != tf.string else []
@@ -233,5 +232,4 @@ def resize_shorter(image, size: int, channels=None):
     return out
   if image.dtype != tf.string:
     return resized(image)
-  return tf.cond(sources.tf_decodes_as_pil(image, channels),
-                 lambda: resized(sources.decode(image, channels)), lambda: resized(image))
+  return sources.with_pil_pixels(image, channels, resized)

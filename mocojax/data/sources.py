@@ -83,6 +83,14 @@ def tf_decodes_as_pil(encoded, channels: int):
                  lambda: tf.constant(False))
 
 
+def with_pil_pixels(encoded, channels: int, fn):
+  """fn applied to the image that PIL decodes from `encoded`: fn(TF's pixels) where they are
+  PIL's (`tf_decodes_as_pil`), else fn(encoded) for an fn whose Python call decodes the bytes
+  itself (`open_image`). Both must give the same dtype and shape."""
+  return tf.cond(tf_decodes_as_pil(encoded, channels),
+                 lambda: fn(decode(encoded, channels)), lambda: fn(encoded))
+
+
 def image_size(image):
   """int32 [2] (height, width) of uint8 pixels [H, W, C], or of an encoded image (a tf.string
   scalar) read from its header alone, without decoding."""
